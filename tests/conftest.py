@@ -46,7 +46,7 @@ def make_tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, la
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, heads, kv_heads, layers, **overrides))
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.ndim == 1:  # norms and biases start at constants; perturb so slicing errors show
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return model.eval()

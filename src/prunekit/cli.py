@@ -72,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    bench = commands.add_parser(
+        "bench", help="measure speed and memory", description="Measure prefill and decode throughput (median "
+        "and min-max of repeated runs after a warm-up), parameters, weight bytes, KV-cache bytes per token and "
+        "peak memory (see prunekit.evaluation.speed for exactly what is measured).",
+    )
+    _add_model_options(bench)
+    bench.add_argument(
+        "--vs", metavar="MODEL", help="also benchmark MODEL (e.g. the dense original) and print --model / --vs ratios"
+    )
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per measurement (default: 5)")
+    bench.add_argument(
+        "--shapes", default="1x128,1x512,4x512", help="prefill BATCHxLENGTH shapes (default: 1x128,1x512,4x512)"
+    )
+    bench.add_argument(
+        "--decode-tokens", type=int, default=64, help="greedy tokens per decode run, 0 to skip decode (default: 64)"
+    )
+    bench.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     return parser
 
 
@@ -81,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 0
-        return {"models": _cmd_models, "eval": _cmd_eval}[args.command](args)
+        return {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
     except PrunekitError as error:
         print(f"prunekit: error: {error}", file=sys.stderr)
         return 2
@@ -136,6 +154,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "perplexity": {name: r.perplexity for name, r in results.items()},
             "details": {name: r.to_dict() for name, r in results.items()},
         }
+        _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import gc
+
+    import prunekit
+    from prunekit.evaluation.speed import benchmark_speed, compare_speed, parse_shapes, speed_table
+    from prunekit.report import format_table
+
+    shapes = parse_shapes(args.shapes)
+    if args.decode_tokens < 0 or args.decode_tokens == 1:
+        raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {args.decode_tokens}")
+    if args.json is not None and args.json.is_dir():
+        raise PrunekitError(f"--json {args.json} is a directory; give a file path")
+    results = []
+    for name in [args.model, *([args.vs] if args.vs else [])]:
+        model, _ = prunekit.load_model(name, args.dtype, args.device, args.trust_remote_code)
+        results.append(benchmark_speed(model, shapes, args.decode_tokens, args.repeats, label=str(name)))
+        del model  # one model in memory at a time, so the second one's peak is its own
+        gc.collect()
+    ratios = compare_speed(results[0], results[1]) if args.vs else None
+    machine = results[0].machine
+    print(f"{machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), {results[0].dtype} on {results[0].device}; "
+          f"median (min-max) of {args.repeats} runs after warm-up")
+    print(format_table(*speed_table(results, ratios)))
+    print(f"peak memory: {results[0].memory_method}" + ("; ratio = --model / --vs" if args.vs else ""))
+    if args.json is not None:
+        report = {"models": [r.to_dict() for r in results], "ratios": ratios,
+                  "ratio_definition": "--model / --vs" if args.vs else None}
         _write_json(args.json, report)
     return 0
 

@@ -1,7 +1,13 @@
 """Calibration and evaluation text: named corpora, local files, and token windows with disjoint splits."""
 
 from prunekit.data.corpora import NAMED, CorpusText, corpus_label, load_corpus
-from prunekit.data.windows import BOS_MODES, TokenWindows, calibration_windows, evaluation_windows, resolve_bos
+from prunekit.data.windows import (
+    BOS_MODES,
+    TokenWindows,
+    calibration_windows,
+    evaluation_windows,
+    resolve_bos,
+)
 
 calibration = calibration_windows
 evaluation = evaluation_windows

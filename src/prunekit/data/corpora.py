@@ -166,7 +166,7 @@ def _pydocs(split: str) -> CorpusText:
         "evaluation": lambda name: name.startswith("library/"),
         "all": lambda name: True,
     }[split]
-    records = [path.read_text(encoding="utf-8").strip() for path, name in zip(files, relative) if keep(name)]
+    records = [path.read_text(encoding="utf-8").strip() for path, name in zip(files, relative, strict=True) if keep(name)]
     return CorpusText("pydocs", split, records, f"Debian python3.11-doc reST sources, {split} split")
 
 
@@ -191,7 +191,7 @@ def _hf_dataset(name: str, split: str) -> CorpusText:
     except ImportError:
         raise PrunekitError(
             f"corpus '{name}' needs the 'datasets' package: pip install 'prunekit[datasets]'; "
-            "or pass a local .txt/.jsonl copy of the text"
+            "or pass a local .txt or .jsonl copy of the text"
         ) from None
     path, config, calibration_split, evaluation_split, field = _HF_SPECS[name]
     wanted = [calibration_split, evaluation_split] if split == "all" else (

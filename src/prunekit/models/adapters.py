@@ -67,6 +67,8 @@ class ArchAdapter:
     mlp_bias: bool
     tied_embeddings: bool
     layer_types: list[str] | None = field(default=None)
+    vocab_size: int = 0  # rows of the input embedding; parameter accounting needs it
+    o_proj_bias: bool = False  # Qwen2 has q/k/v biases but none on o_proj
 
     @property
     def family(self) -> str:
@@ -123,6 +125,8 @@ class ArchAdapter:
             "mlp_norms": list(self.spec.mlp_norms),
             "qk_norms": list(self.spec.qk_norms),
             "layer_types": self.layer_types,
+            "vocab_size": self.vocab_size,
+            "o_proj_bias": self.o_proj_bias,
         }
 
 
@@ -155,11 +159,22 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         tied_embeddings=_embeddings_are_tied(model),
         layer_types=list(config.layer_types) if getattr(config, "layer_types", None) else None,
+        vocab_size=model.get_input_embeddings().weight.shape[0],
+        o_proj_bias=_o_proj_has_bias(model, spec),
     )
     if num_heads % num_kv_heads:
         raise PrunekitError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
     _check_dense_shapes(model, adapter)
     return adapter
+
+
+def _o_proj_has_bias(model: nn.Module, spec: FamilySpec) -> bool:
+    """Whether o_proj carries a bias (Llama-style attention_bias) or not (Qwen2, which biases only q/k/v)."""
+    for layer in model.model.layers:
+        o_proj = getattr(getattr(layer, spec.attention, None), "o_proj", None)
+        if o_proj is not None:
+            return o_proj.bias is not None
+    return False
 
 
 def _embeddings_are_tied(model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     def line(row: list[str]) -> str:
         return "  ".join(
             value.ljust(width) if index == 0 else value.rjust(width)
-            for index, (value, width) in enumerate(zip(row, widths))
+            for index, (value, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
