@@ -1,0 +1,102 @@
+"""A decoder layer as two residual branches, run separately.
+
+Every supported family computes ``h' = h + post_attn(attn(pre_attn(h)))`` and then ``out = h' + post_mlp(mlp(
+pre_mlp(h')))``, where the post-branch norms exist only in Gemma3. Running the branches one at a time lets
+BlockPruner and SLEB start a candidate from a cached residual in the middle of a layer, and lets SlimGPT reuse the
+post-attention residual of its MLP-statistics pass. The norms come from the adapter *by role* (first = pre-branch
+norm, second = post-branch norm), the same ops run in the same order as the stock layer forward, so the result is
+bit-identical to ``layer(hidden, **kwargs)``. A removed branch (a ``RemovedAttention`` / ``RemovedMLP`` stand-in)
+contributes exactly zero, so it is skipped without running anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ArchAdapter
+from prunekit.structure.blocks import is_removed
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """The keyword arguments the model passes to one decoder layer for one batch size, besides hidden states.
+
+    They hold the rotary ``position_embeddings`` (Gemma3: local or global, by layer type), the causal or
+    sliding-window ``attention_mask`` of the layer's type, ``position_ids`` and a ``None`` KV cache.
+    """
+
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    layer_type: str | None = None
+
+    def on(self, device: torch.device) -> LayerContext:
+        """The same context with its tensors on ``device`` (no copy when they are already there)."""
+        return LayerContext({key: _to_device(value, device) for key, value in self.kwargs.items()}, self.layer_type)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(item, device) for item in value)
+    return value
+
+
+def _branch_norms(norms: Mapping[str, nn.Module], branch: str) -> tuple[nn.Module, nn.Module | None]:
+    modules = list(norms.values())
+    if not 1 <= len(modules) <= 2:
+        raise PrunekitError(f"the {branch} branch has {len(modules)} norms; expected a pre-norm and at most one post-norm")
+    return modules[0], modules[1] if len(modules) == 2 else None
+
+
+def attention_branch(
+    adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor, context: LayerContext
+) -> torch.Tensor:
+    """``hidden`` plus the attention branch of ``layer``: the residual stream entering the MLP branch.
+
+    Returns ``hidden`` itself when the attention block was removed.
+    """
+    attention = adapter.attention(layer)
+    if is_removed(attention):
+        return hidden
+    pre, post = _branch_norms(adapter.attention_norm_modules(layer), "attention")
+    output, _ = attention(hidden_states=pre(hidden), **context.kwargs)
+    if post is not None:
+        output = post(output)
+    return hidden + output
+
+
+def mlp_branch(adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` plus the MLP branch of ``layer``: the layer's output. Returns ``hidden`` if the MLP was removed."""
+    mlp = adapter.mlp(layer)
+    if is_removed(mlp):
+        return hidden
+    pre, post = _branch_norms(adapter.mlp_norm_modules(layer), "MLP")
+    output = mlp(pre(hidden))
+    if post is not None:
+        output = post(output)
+    return hidden + output
+
+
+def layer_forward(
+    adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor, context: LayerContext
+) -> torch.Tensor:
+    """The whole layer as its two branches (equal to the stock forward; skips removed branches for free)."""
+    return mlp_branch(adapter, layer, attention_branch(adapter, layer, hidden, context))
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the residual stream after the last layer: final norm, LM head, Gemma's logit soft-capping.
+
+    Mirrors the tail of ``*ForCausalLM.forward`` so a layer-by-layer run can be scored without a full forward.
+    """
+    logits = model.get_output_embeddings()(model.model.norm(hidden))
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

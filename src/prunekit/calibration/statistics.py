@@ -1,0 +1,158 @@
+"""Per-linear input statistics, accumulated by forward pre-hooks while calibration batches flow through a layer.
+
+The methods need different summaries of the same inputs X (rows = tokens, columns = input features of a linear):
+
+- ``hessian``: the sum of x xᵀ over tokens (SlimGPT's H = 2 X Xᵀ, up to a scale), in fp32;
+- ``norms``: the per-feature sum of squares, whose square root is Wanda's ‖X_j‖₂;
+- ``moments``: the per-feature mean and unbiased variance (FLAP's fluctuation and bias compensation).
+
+Everything is accumulated in fp32 or float64 whatever the model dtype, because a bf16 running sum over 10⁵ tokens
+loses every late contribution. Means and variances use Chan's pairwise merge of per-batch (mean, M2) in float64, so
+features with a large mean and a small spread keep their variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+
+HESSIAN = "hessian"
+NORMS = "norms"
+MOMENTS = "moments"
+STATISTIC_KINDS = (HESSIAN, NORMS, MOMENTS)
+
+
+def check_kinds(kinds: Iterable[str]) -> frozenset[str]:
+    """Validate a set of statistic kinds (a typo should fail before an hour of forward passes, not after)."""
+    chosen = frozenset(kinds)
+    unknown = sorted(chosen - set(STATISTIC_KINDS))
+    if unknown:
+        raise PrunekitError(f"unknown statistic '{unknown[0]}'; use any of: {', '.join(STATISTIC_KINDS)}")
+    if not chosen:
+        raise PrunekitError(f"no statistics asked for; use any of: {', '.join(STATISTIC_KINDS)}")
+    return chosen
+
+
+class InputStatistics:
+    """Running statistics of the inputs of one linear layer (features = its ``in_features``)."""
+
+    def __init__(self, features: int, kinds: Iterable[str] = (HESSIAN,), device: torch.device | str = "cpu"):
+        self.features = features
+        self.kinds = check_kinds(kinds)
+        self.tokens = 0
+        self.sequences = 0
+        wants = self.kinds.__contains__
+        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device) if wants(HESSIAN) else None
+        self.square_sum = torch.zeros(features, dtype=torch.float64, device=device) if wants(NORMS) else None
+        self._mean = torch.zeros(features, dtype=torch.float64, device=device) if wants(MOMENTS) else None
+        self._m2 = torch.zeros(features, dtype=torch.float64, device=device) if wants(MOMENTS) else None
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., features]``; a leading batch dimension counts as sequences."""
+        if inputs.shape[-1] != self.features:
+            raise PrunekitError(f"input has {inputs.shape[-1]} features, statistics were set up for {self.features}")
+        x = inputs.reshape(-1, self.features).float()
+        count = x.shape[0]
+        if count == 0:
+            return
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+        if self.square_sum is not None:
+            self.square_sum += (x * x).sum(dim=0, dtype=torch.float64)
+        if self._mean is not None:
+            self._merge_moments(x)
+        self.tokens += count
+        self.sequences += int(inputs.shape[0]) if inputs.dim() > 2 else 1
+
+    def _merge_moments(self, x: torch.Tensor) -> None:
+        """Chan et al.'s merge of this batch's (count, mean, M2) into the running ones, in float64."""
+        count = x.shape[0]
+        batch_mean = x.mean(dim=0, dtype=torch.float64)
+        batch_m2 = self._centred_squares(x, batch_mean)
+        total = self.tokens + count
+        delta = batch_mean - self._mean
+        self._mean += delta * (count / total)
+        self._m2 += batch_m2 + delta * delta * (self.tokens * count / total)
+
+    @staticmethod
+    def _centred_squares(x: torch.Tensor, mean: torch.Tensor, elements: int = 1 << 24) -> torch.Tensor:
+        """Σ (x - mean)² per feature in float64, in row chunks so a large batch is never copied whole to float64."""
+        total = torch.zeros_like(mean)
+        for part in x.split(max(1, elements // x.shape[1])):
+            total += ((part.double() - mean) ** 2).sum(dim=0)
+        return total
+
+    # -- results -------------------------------------------------------------------------------------------
+    def hessian(self, per: str = "token", factor: float = 2.0) -> torch.Tensor:
+        """``factor · Σ x xᵀ / count`` in fp32, count = tokens (``per="token"``) or sequences (SlimGPT's running mean).
+
+        Any positive scale gives the same OBS solution, since SlimGPT damps relative to the mean diagonal; the
+        choice only matters when comparing Hessians across runs with different window lengths.
+        """
+        xtx = self._require(self.xtx, HESSIAN)
+        counts = {"token": self.tokens, "sequence": self.sequences}
+        if per not in counts:
+            raise PrunekitError(f"unknown Hessian normalisation '{per}'; use token or sequence")
+        return xtx * (factor / max(counts[per], 1))
+
+    def feature_norms(self) -> torch.Tensor:
+        """‖X_j‖₂ over all tokens, per input feature (Wanda), fp32."""
+        return self._require(self.square_sum, NORMS).sqrt().float()
+
+    def mean(self) -> torch.Tensor:
+        """Mean of each input feature over all tokens (FLAP bias compensation), fp32."""
+        return self._require(self._mean, MOMENTS).float()
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance of each input feature over all tokens (FLAP's fluctuation), fp32."""
+        m2 = self._require(self._m2, MOMENTS)
+        if self.tokens < 2:
+            raise PrunekitError(f"the variance needs at least 2 tokens, only {self.tokens} were seen")
+        return (m2 / (self.tokens - 1)).float()
+
+    def _require(self, value: torch.Tensor | None, kind: str) -> torch.Tensor:
+        if value is None:
+            raise PrunekitError(f"'{kind}' statistics were not collected; add '{kind}' to kinds")
+        if self.tokens == 0:
+            raise PrunekitError("no inputs were seen by this linear; was its branch run (or removed)?")
+        return value
+
+    def __repr__(self) -> str:
+        return f"InputStatistics(features={self.features}, kinds={sorted(self.kinds)}, tokens={self.tokens})"
+
+
+@contextmanager
+def input_statistics(
+    linears: Mapping[str, nn.Module], kinds: Iterable[str] = (HESSIAN,)
+) -> Iterator[dict[str, InputStatistics]]:
+    """Hook ``linears`` for the duration of the block; yields their statistics by name, hooks removed on exit.
+
+    The statistics live on each linear's weight device, so accumulation never copies activations to the host.
+    """
+    chosen = check_kinds(kinds)
+    statistics: dict[str, InputStatistics] = {}
+    handles = []
+    try:
+        for name, linear in linears.items():
+            weight = getattr(linear, "weight", None)
+            if weight is None or weight.dim() != 2:
+                raise PrunekitError(f"'{name}' is not a linear layer with a 2-d weight; cannot hook its inputs")
+            statistics[name] = InputStatistics(weight.shape[1], chosen, weight.device)
+            handles.append(linear.register_forward_pre_hook(_hook(statistics[name]), with_kwargs=True))
+        yield statistics
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(target: InputStatistics):
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        target.update(args[0] if args else kwargs["input"])
+
+    return record
