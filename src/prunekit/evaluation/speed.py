@@ -1,0 +1,529 @@
+"""Speed and memory of a model: prefill and decode throughput, parameters, weight bytes, KV cache, peak memory.
+
+What is measured, and why this way:
+
+- **Prefill** runs ``batch x seqlen`` random token ids through the model with ``use_cache=True`` and
+  ``logits_to_keep=1``, as generation's first step does: the cache is written, and only the last position's logits
+  are computed. Throughput is ``batch * seqlen / seconds``.
+- **Decode** prefills a prompt of ``decode_prompt`` tokens (batch 1, untimed), then times ``decode_tokens`` greedy
+  steps of one token each, reusing the KV cache. It never stops at EOS: every run does exactly the same work.
+  Positions are passed explicitly, so a model whose first layer keeps no cache still decodes at the right positions.
+- **Timing**: ``warmup`` untimed runs, then ``repeats`` timed ones; each result reports the median and the spread
+  (min, max, and the interquartile range) of per-run tokens/s. Torch's thread settings are left alone and recorded.
+- **Peak memory**, on CUDA: ``torch.cuda.max_memory_allocated`` during the workload minus what was allocated before
+  (tensors only). On CPU: the peak resident set size during the workload minus the resident size before it, from
+  ``/proc/self/status`` (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, ``VmRSS`` before). This is
+  what the process took from the OS: it includes allocator slack and excludes memory the allocator reused from
+  earlier frees, so read it as an indication, not an exact tensor count. Where the peak cannot be reset, the growth
+  of ``VmHWM`` (or ``ru_maxrss``) is reported instead: a lower bound, named in ``memory_method``.
+- **KV bytes per token** comes from a real cache object after a forward of ``batch x tokens`` with
+  ``use_cache=True``: the bytes of every key/value tensor it holds, divided by ``batch * tokens``. Layers that hold
+  nothing (pruned attention) contribute nothing. A sliding-window layer caps what it holds, so this is measured at
+  a stated length.
+- **Parameters** count each tensor once (tied embeddings count once); **weight bytes** likewise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import inspect
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import parameter_bytes, unique_parameter_count
+
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (4, 512))
+DEFAULT_DECODE_TOKENS = 64
+DEFAULT_DECODE_PROMPT = 128
+DEFAULT_REPEATS = 5
+DEFAULT_WARMUP = 1
+KV_PROBE_TOKENS = 32
+
+
+@dataclass
+class Spread:
+    """Median and spread of repeated measurements; the median resists one run disturbed by the machine."""
+
+    median: float
+    minimum: float
+    maximum: float
+    q1: float
+    q3: float
+    runs: list[float]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            raise ValueError("no measurements")
+        ordered = sorted(values)
+        if len(ordered) >= 2:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            q1 = q3 = ordered[0]
+        return cls(statistics.median(ordered), ordered[0], ordered[-1], q1, q3, list(values))
+
+
+@dataclass
+class PrefillResult:
+    batch: int
+    seqlen: int
+    tokens_per_second: Spread
+    peak_memory_bytes: int | None
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.seqlen}"
+
+
+@dataclass
+class DecodeResult:
+    prompt_tokens: int
+    new_tokens: int
+    tokens_per_second: Spread
+    peak_memory_bytes: int | None
+
+
+@dataclass
+class SpeedResult:
+    """One model's measurements; ``to_dict`` gives the JSON form."""
+
+    model: str
+    dtype: str
+    device: str
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: float
+    prefill: list[PrefillResult]
+    decode: DecodeResult | None
+    memory_method: str
+    repeats: int
+    warmup: int
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """The largest peak over all workloads."""
+        workloads = [*self.prefill, *([self.decode] if self.decode else [])]
+        peaks = [w.peak_memory_bytes for w in workloads if w.peak_memory_bytes is not None]
+        return max(peaks) if peaks else None
+
+    def to_dict(self) -> dict:
+        result = asdict(self)
+        result["peak_memory_bytes"] = self.peak_memory_bytes
+        return result
+
+
+# -- parsing --------------------------------------------------------------------------------------------------
+
+_SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"1x128,4x512"`` to ``[(1, 128), (4, 512)]``; a one-line error names the bad item."""
+    if not text or not text.strip():
+        raise PrunekitError("--shapes is empty; give BATCHxLENGTH items separated by commas, e.g. 1x128,4x512")
+    shapes = []
+    for item in text.split(","):
+        match = _SHAPE.match(item)
+        if not match:
+            raise PrunekitError(f"--shapes item '{item.strip()}' is not BATCHxLENGTH (e.g. 1x128,4x512)")
+        batch, length = int(match.group(1)), int(match.group(2))
+        if batch < 1 or length < 1:
+            raise PrunekitError(f"--shapes item '{item.strip()}' needs a batch and a length of at least 1")
+        shapes.append((batch, length))
+    return shapes
+
+
+# -- machine --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo; ``platform.processor()`` is often empty on Linux."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """Enough context to judge whether two speed results are comparable."""
+    import transformers
+
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        # Other processes competing for the cores distort timings badly (torch's threads wait on each other).
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets VmHWM to the current RSS when '5' is written to clear_refs (since 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so the RSS baseline is what is live.
+
+    Without it, memory freed by an earlier workload stays resident and the next workload reuses it unseen.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _ru_maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+MEMORY_METHODS = {
+    "cuda": "cuda max_memory_allocated growth",
+    "rss": "peak RSS growth (VmHWM after clear_refs reset - VmRSS before)",
+    "hwm": "VmHWM growth (peak not resettable: lower bound)",
+    "maxrss": "ru_maxrss growth (peak not resettable: lower bound)",
+}
+
+
+class PeakMemory:
+    """Context manager: ``self.bytes`` is the peak memory growth during the block (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = MEMORY_METHODS["cuda"]
+            return self
+        _release_free_memory()
+        if _reset_peak_rss() and _proc_status_kib("VmRSS") is not None:
+            self._base = _proc_status_kib("VmRSS") * 1024
+            self.method = MEMORY_METHODS["rss"]
+        elif _proc_status_kib("VmHWM") is not None:
+            self._base = _proc_status_kib("VmHWM") * 1024
+            self.method = MEMORY_METHODS["hwm"]
+        else:
+            self._base = _ru_maxrss_bytes()
+            self.method = MEMORY_METHODS["maxrss"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == MEMORY_METHODS["maxrss"]:
+            peak = _ru_maxrss_bytes()
+        else:
+            peak = (_proc_status_kib("VmHWM") or 0) * 1024
+        self.bytes = max(0, peak - self._base)
+
+
+def peak_memory_method(device: torch.device | str) -> str:
+    """How peak memory is measured on ``device`` here (CPU methods depend on what the kernel allows)."""
+    with PeakMemory(torch.device(device)) as probe:
+        pass
+    return probe.method
+
+
+# -- KV cache -------------------------------------------------------------------------------------------------
+
+
+def _cache_tensors(cache: object) -> Iterable[torch.Tensor]:
+    """Key/value tensors of a transformers Cache (``.layers``) or a legacy tuple of (key, value) pairs."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    yield tensor
+        return
+    if isinstance(cache, torch.Tensor):
+        yield cache
+    elif isinstance(cache, (tuple, list)):
+        for item in cache:
+            if item is not None:
+                yield from _cache_tensors(item)
+
+
+def kv_cache_bytes(cache: object) -> int:
+    """Bytes held by the key/value tensors of ``cache``; empty or missing layers count zero, shared ones once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in _cache_tensors(cache):
+        key = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def _random_ids(model: nn.Module, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Seeded random ids: the content does not change the work a dense transformer does."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    return torch.randint(0, _vocab_size(model), (batch, length), generator=generator).to(device)
+
+
+@torch.inference_mode()
+def kv_cache_bytes_per_token(model: nn.Module, tokens: int = KV_PROBE_TOKENS, batch: int = 1) -> float:
+    """KV-cache bytes per token, measured from the cache a real forward with ``use_cache=True`` builds."""
+    output = model(input_ids=_random_ids(model, batch, tokens), use_cache=True)
+    cache = getattr(output, "past_key_values", None)
+    if cache is None:
+        raise PrunekitError("the model returned no KV cache with use_cache=True; cannot measure KV bytes per token")
+    return kv_cache_bytes(cache) / (batch * tokens)
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_runs(run: Callable[[], float], warmup: int, repeats: int) -> list[float]:
+    """``run`` returns its own elapsed seconds, so untimed set-up (e.g. a decode prompt) stays out."""
+    for _ in range(warmup):
+        run()
+    return [run() for _ in range(repeats)]
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    """``logits_to_keep=1`` where the model takes it: prefill needs only the last position's logits."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+
+def _check_length(model: nn.Module, length: int, what: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and length > limit:
+        raise PrunekitError(f"{what} of {length} tokens exceeds the model's context of {limit}")
+
+
+@torch.inference_mode()
+def prefill_throughput(
+    model: nn.Module, batch: int, seqlen: int, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP
+) -> PrefillResult:
+    """Prefill tokens/s at one ``batch x seqlen`` shape (see the module docstring)."""
+    _check_length(model, seqlen, f"prefill shape {batch}x{seqlen}")
+    device = next(model.parameters()).device
+    ids, extra = _random_ids(model, batch, seqlen), _forward_kwargs(model)
+
+    def run() -> float:
+        _synchronize(device)
+        started = time.perf_counter()
+        model(input_ids=ids, use_cache=True, **extra)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    with PeakMemory(device) as memory:
+        seconds = _timed_runs(run, warmup, repeats)
+    tokens = batch * seqlen
+    return PrefillResult(batch, seqlen, Spread.of([tokens / s for s in seconds]), memory.bytes)
+
+
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy tokens after ``prompt`` with a KV cache, exactly ``new_tokens`` of them; returns (ids, seconds).
+
+    Only the decode steps are timed. EOS is ignored on purpose, so every run does the same amount of work.
+    """
+    device, extra = prompt.device, _forward_kwargs(model)
+    batch, length = prompt.shape
+    with torch.inference_mode():
+        output = model(input_ids=prompt, use_cache=True, **extra)
+        cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [token]
+        _synchronize(device)
+        started = time.perf_counter()
+        for step in range(new_tokens - 1):
+            position = torch.full((batch, 1), length + step, dtype=torch.long, device=device)
+            output = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True, **extra)
+            cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(token)
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+    return torch.cat(generated, dim=1), seconds
+
+
+def decode_throughput(
+    model: nn.Module,
+    new_tokens: int = DEFAULT_DECODE_TOKENS,
+    prompt_tokens: int = DEFAULT_DECODE_PROMPT,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+) -> DecodeResult:
+    """Decode tokens/s at batch 1: the first new token comes from the (untimed) prefill, the rest are timed steps."""
+    if new_tokens < 2:
+        raise PrunekitError(f"--decode-tokens must be at least 2 (one prefill token plus timed steps), got {new_tokens}")
+    _check_length(model, prompt_tokens + new_tokens, "decode prompt plus new tokens")
+    device, prompt = next(model.parameters()).device, _random_ids(model, 1, prompt_tokens, seed=1)
+    with PeakMemory(device) as memory:
+        seconds = _timed_runs(lambda: greedy_decode(model, prompt, new_tokens)[1], warmup, repeats)
+    timed_steps = new_tokens - 1
+    return DecodeResult(prompt_tokens, new_tokens, Spread.of([timed_steps / s for s in seconds]), memory.bytes)
+
+
+def _check_counts(repeats: int, warmup: int) -> None:
+    if repeats < 1:
+        raise PrunekitError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise PrunekitError(f"warm-up runs cannot be negative, got {warmup}")
+
+
+def benchmark_speed(
+    model: nn.Module,
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    decode_tokens: int | None = DEFAULT_DECODE_TOKENS,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    label: str = "model",
+    decode_prompt: int = DEFAULT_DECODE_PROMPT,
+) -> SpeedResult:
+    """All measurements for one model; ``decode_tokens=None`` (or 0) skips decode."""
+    _check_counts(repeats, warmup)
+    parameter = next(model.parameters())
+    # First, as its forward also makes weights that are lazily mapped from the file resident; otherwise the first
+    # workload's peak memory would count them.
+    kv_bytes = kv_cache_bytes_per_token(model)
+    prefill = [prefill_throughput(model, b, n, repeats, warmup) for b, n in shapes]
+    decode = decode_throughput(model, decode_tokens, decode_prompt, repeats, warmup) if decode_tokens else None
+    return SpeedResult(
+        model=label,
+        dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device),
+        parameters=unique_parameter_count(model),
+        weight_bytes=parameter_bytes(model),
+        kv_bytes_per_token=kv_bytes,
+        prefill=prefill,
+        decode=decode,
+        memory_method=peak_memory_method(parameter.device),
+        repeats=repeats,
+        warmup=warmup,
+        machine=machine_info(parameter.device),
+    )
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def compare_speed(candidate: SpeedResult, baseline: SpeedResult) -> dict:
+    """``candidate / baseline`` for every shared measurement (e.g. pruned / dense); medians for throughput."""
+    base_prefill = {r.shape: r for r in baseline.prefill}
+    ratios: dict = {
+        "parameters": _ratio(candidate.parameters, baseline.parameters),
+        "weight_bytes": _ratio(candidate.weight_bytes, baseline.weight_bytes),
+        "kv_bytes_per_token": _ratio(candidate.kv_bytes_per_token, baseline.kv_bytes_per_token),
+        "peak_memory_bytes": _ratio(candidate.peak_memory_bytes, baseline.peak_memory_bytes),
+        "prefill_tokens_per_second": {
+            r.shape: _ratio(r.tokens_per_second.median, base_prefill[r.shape].tokens_per_second.median)
+            for r in candidate.prefill if r.shape in base_prefill
+        },
+        "decode_tokens_per_second": None,
+    }
+    if candidate.decode and baseline.decode:
+        ratios["decode_tokens_per_second"] = _ratio(
+            candidate.decode.tokens_per_second.median, baseline.decode.tokens_per_second.median
+        )
+    return ratios
+
+
+# -- presentation ---------------------------------------------------------------------------------------------
+
+
+def _throughput_cell(spread: Spread) -> str:
+    return f"{spread.median:,.1f} ({spread.minimum:,.1f}-{spread.maximum:,.1f})"
+
+
+def _ratio_cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}x"
+
+
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+def speed_table(results: Sequence[SpeedResult], ratios: dict | None = None) -> tuple[list[str], list[list]]:
+    """Headers and rows for ``prunekit.report.format_table``: one row per model, then the ratio row if any.
+
+    Throughput cells are "median (min-max)" tokens/s; shapes are those of the first result.
+    """
+    shapes = [r.shape for r in results[0].prefill]
+    headers = ["model", "params", "weights MiB", "KV B/token", *(f"prefill {s} tok/s" for s in shapes),
+               "decode tok/s", "peak MiB"]
+    rows: list[list] = []
+    for result in results:
+        by_shape = {r.shape: r for r in result.prefill}
+        rows.append([
+            result.model, result.parameters, _megabytes(result.weight_bytes), f"{result.kv_bytes_per_token:,.0f}",
+            *(_throughput_cell(by_shape[s].tokens_per_second) if s in by_shape else "-" for s in shapes),
+            _throughput_cell(result.decode.tokens_per_second) if result.decode else "-",
+            _megabytes(result.peak_memory_bytes),
+        ])
+    if ratios is not None:
+        prefill = ratios["prefill_tokens_per_second"]
+        rows.append([
+            "ratio", _ratio_cell(ratios["parameters"]), _ratio_cell(ratios["weight_bytes"]),
+            _ratio_cell(ratios["kv_bytes_per_token"]), *(_ratio_cell(prefill.get(s)) for s in shapes),
+            _ratio_cell(ratios["decode_tokens_per_second"]), _ratio_cell(ratios["peak_memory_bytes"]),
+        ])
+    return headers, rows

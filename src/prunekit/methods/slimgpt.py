@@ -1,0 +1,210 @@
+"""SlimGPT (Ling et al., NeurIPS 2024, arXiv 2412.18110): layer-wise OBS structured pruning.
+
+Per decoder layer, on the already pruned model's activations: (a) Hessian of the o_proj inputs, then Batched
+Greedy Pruning of attention units (KV groups; single query heads in q-head mode) ranked by the grouped-Cholesky
+error and removed one at a time with OBS compensation of the surviving o_proj columns; (b) Hessian of the
+down_proj inputs of the attention-pruned layer, then greedy batches of FFN channels with Dynamic Group Size and
+compensation of the surviving down_proj columns; (c) the pruned layer's outputs feed the next layer. Per-layer
+ratios follow the Incremental Pruning Ratio (log-increasing) schedule, solved so the global ratio hits the target.
+
+Departures from the paper, each an option with the toolkit default from the method spec:
+- ``r_0 = 0`` and ``r_last`` solved (the paper states neither); ``log(n)`` for the model's depth.
+- ``match_parameters``: after rounding a layer's attention units, its channel count is set so the layer's removed
+  weights match ``r_l`` (with 3 KV groups per layer, rounding heads alone is far off). ``False``: paper behaviour.
+- DGS follows the released schedule (floor 64 channels per step), not the paper's text (down to 8).
+- Damping 0.01·mean(diag H), ×10 on a Cholesky failure (not stated in the paper); retries are reported.
+- ``exact_ranking`` (off by default) ranks units by their true joint removal cost instead of the paper's
+  diagonal approximation.
+- q-head mode for one-KV-head models (Gemma-3-270M): units are single query heads, every KV group losing the same
+  number; k/v are not compensated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.calibration.runner import LayerwiseRunner
+from prunekit.data.windows import TokenWindows
+from prunekit.errors import PrunekitError
+from prunekit.methods.base import Target, register
+from prunekit.methods.obs import decouple, eliminate_columns, inverse, prepare_hessian, unit_errors
+from prunekit.methods.schedule import log_increasing_ratios, uniform_ratios, unit_counts
+from prunekit.models.adapters import ArchAdapter
+from prunekit.structure.plan import PruningPlan
+
+SCHEDULES = ("log_increase", "uniform")
+ATTENTION_UNITS = ("auto", "kv_group", "q_head")
+
+
+@register(
+    "slimgpt",
+    needs_calibration=True,
+    description="OBS layer-wise pruning of heads and channels with compensation (Ling et al. 2024)",
+    schedule="log_increase",
+    first_ratio=0.0,
+    ratio_cap=0.9,
+    damping=0.01,
+    compensate=True,
+    exact_ranking=False,
+    match_parameters=True,
+    attention_unit="auto",
+    dgs_max=1024,
+    dgs_min=64,
+    batch_size=8,
+    offload="none",
+)
+def slimgpt(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    target: Target,
+    calibration: TokenWindows,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    **settings: Any,
+) -> PruningPlan:
+    """Prune ``model``'s o_proj / down_proj inputs in place (compensated, dense shapes) and return the plan."""
+    ratios = layer_ratios(adapter, target, settings)
+    q_head_mode = _q_head_mode(adapter, settings["attention_unit"])
+    plan = PruningPlan.keep_all(adapter)
+    report: list[dict[str, Any]] = []
+    with LayerwiseRunner(model, adapter, calibration, batch_size=settings["batch_size"],
+                         offload=settings["offload"], progress=progress) as runner:
+        for index, layer in runner.layers():
+            counts = unit_counts(ratios[index], adapter, q_head_mode, settings["match_parameters"])
+            entry: dict[str, Any] = {"layer": index, "ratio": round(ratios[index], 5)}
+            if counts.attention_units:
+                entry["attention"] = _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings)
+            if counts.channels:
+                entry["mlp"] = _prune_mlp_layer(runner, index, layer, adapter, plan, counts.channels, settings)
+            runner.advance(index)
+            report.append(entry)
+            if progress:
+                tqdm.write(_describe(entry, plan, index))
+    plan.metrics["slimgpt_layers"] = report
+    return plan
+
+
+def layer_ratios(adapter: ArchAdapter, target: Target, settings: dict[str, Any]) -> list[float]:
+    """The per-layer ratios of decoder-layer weights for the chosen schedule."""
+    layers_target = target.layer_linear_ratio(adapter)
+    if settings["schedule"] == "uniform":
+        return uniform_ratios(adapter.num_layers, layers_target)
+    if settings["schedule"] != "log_increase":
+        raise PrunekitError(f"unknown schedule '{settings['schedule']}'; use one of: {', '.join(SCHEDULES)}")
+    return log_increasing_ratios(adapter.num_layers, layers_target, settings["first_ratio"], settings["ratio_cap"])
+
+
+def _q_head_mode(adapter: ArchAdapter, attention_unit: str) -> bool:
+    if attention_unit not in ATTENTION_UNITS:
+        raise PrunekitError(f"unknown attention_unit '{attention_unit}'; use one of: {', '.join(ATTENTION_UNITS)}")
+    if attention_unit == "auto":
+        return adapter.num_kv_heads == 1  # removing the only KV group would delete the whole attention
+    return attention_unit == "q_head"
+
+
+def _describe(entry: dict[str, Any], plan: PruningPlan, index: int) -> str:
+    layer = plan.layers[index]
+    return (f"layer {index:3d}: r={entry['ratio']:.3f} heads {len(layer.kept_heads)}/{plan.dense['num_heads']} "
+            f"channels {len(layer.kept_channels)}/{plan.dense['intermediate_size']}")
+
+
+# -- attention: Batched Greedy Pruning -------------------------------------------------------------------------
+
+def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings) -> dict[str, Any]:
+    o_proj = adapter.attention_linears(layer)["o_proj"]
+    statistics = runner.collect(index, {"o_proj": o_proj}, stop_after="attention")
+    weight = o_proj.weight.detach().float().clone()
+    hessian, _, damping = prepare_hessian(statistics["o_proj"].hessian(), weight, settings["damping"])
+    g, dh = adapter.heads_per_group, adapter.head_dim
+    width = dh if q_head_mode else g * dh
+    quota = counts.attention_units if q_head_mode else None
+    removed, error = _greedy_units(weight, hessian, width, counts.attention_units * (adapter.num_kv_heads if q_head_mode else 1),
+                                   settings, group_of=(lambda unit: unit // g) if q_head_mode else None, quota=quota)
+    with torch.no_grad():
+        o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
+    if q_head_mode:
+        plan.keep_heads(index, [head for head in range(adapter.num_heads) if head not in removed])
+    else:
+        plan.keep_kv_groups(index, [group for group in range(adapter.num_kv_heads) if group not in removed])
+    return {"removed_units": sorted(removed), "error": error, "damping": damping.damping, "retries": damping.retries}
+
+
+def _greedy_units(weight, hessian, width, total, settings, group_of=None, quota=None) -> tuple[list[int], float]:
+    """Remove ``total`` units one at a time: rank by grouped-Cholesky error, eliminate the best, decouple.
+
+    ``group_of`` / ``quota`` (q-head mode): a unit is eligible only while its KV group has lost fewer than
+    ``quota`` heads, so every group ends with the same number of query heads.
+    """
+    units = weight.shape[1] // width
+    removed: list[int] = []
+    total_error = 0.0
+    for _ in range(total):
+        hessian_inverse = inverse(hessian)
+        errors = unit_errors(weight, hessian_inverse, width, exact=settings["exact_ranking"])
+        for unit in range(units):
+            group_full = group_of is not None and sum(group_of(u) == group_of(unit) for u in removed) >= quota
+            if unit in removed or group_full:
+                errors[unit] = float("inf")
+        best = int(torch.argmin(errors))  # first minimum: ties go to the lowest unit index
+        gone = [column for unit in removed for column in range(unit * width, (unit + 1) * width)]
+        columns = list(range(best * width, (best + 1) * width))
+        removed.append(best)
+        total_error += _remove(weight, hessian_inverse, hessian, columns, gone, settings["compensate"])
+    return removed, total_error
+
+
+def _remove(weight, hessian_inverse, hessian, columns, already_removed, compensate) -> float:
+    """Eliminate ``columns`` (with OBS compensation unless disabled) and decouple them in the Hessian.
+
+    Only surviving columns are compensated; earlier removed ones are decoupled and stay zero.
+    """
+    excluded = set(columns) | set(already_removed)
+    live = [column for column in range(weight.shape[1]) if column not in excluded]
+    if compensate:
+        error = eliminate_columns(weight, hessian_inverse, columns, live)
+    else:
+        error = float("nan")
+        weight[:, columns] = 0
+    decouple(hessian, columns)
+    return error
+
+
+# -- MLP: Dynamic Group Size -------------------------------------------------------------------------------------
+
+def dgs_group_sizes(total: int, largest: int = 1024, smallest: int = 64) -> list[int]:
+    """Channel batch sizes of the released DGS schedule: g₀ = ⌊(T − 512)/2⌋, then g ← ⌊(g − 512)/2⌋ (unclamped),
+    each step taking min(remaining, clamp(g, smallest, largest))."""
+    sizes, remaining, group = [], total, (total - 512) // 2
+    while remaining > 0:
+        size = min(remaining, max(smallest, min(largest, group)))
+        sizes.append(size)
+        remaining -= size
+        group = (group - 512) // 2
+    return sizes
+
+
+def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, settings) -> dict[str, Any]:
+    down_proj = adapter.mlp_linears(layer)["down_proj"]
+    statistics = runner.collect(index, {"down_proj": down_proj}, keep_residual=True)
+    weight = down_proj.weight.detach().float().clone()
+    hessian, _, damping = prepare_hessian(statistics["down_proj"].hessian(), weight, settings["damping"])
+    removed: list[int] = []
+    total_error = 0.0
+    for size in dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"]):
+        hessian_inverse = inverse(hessian)
+        scores = (weight**2).sum(dim=0) / torch.diagonal(hessian_inverse)
+        scores[removed] = float("inf")
+        batch = torch.sort(scores, stable=True).indices[:size].tolist()  # stable: ties go to the lowest index
+        total_error += _remove(weight, hessian_inverse, hessian, batch, removed, settings["compensate"])
+        removed.extend(batch)
+    with torch.no_grad():
+        down_proj.weight.copy_(weight.to(down_proj.weight.dtype))
+    kept = sorted(set(range(adapter.intermediate_size)) - set(removed))
+    plan.keep_channels(index, kept)
+    return {"removed_channels": len(removed), "error": total_error, "damping": damping.damping,
+            "retries": damping.retries, "groups": dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"])}
