@@ -128,6 +128,27 @@ def _add_prune_parsers(commands) -> None:
     prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
     prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    save = commands.add_parser(
+        "save", help="apply a plan JSON to a model and save the checkpoint",
+        description="Apply a pruning plan (JSON, as found under 'plan' in a checkpoint's prunekit.json) to a fresh "
+        "copy of the dense model, materialise it and save a prunekit checkpoint.",
+    )
+    _add_model_options(save)
+    save.add_argument("--plan", type=Path, required=True, help="plan JSON file")
+    save.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    save.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    export = commands.add_parser(
+        "export", help="export a pruned checkpoint as a plain transformers checkpoint",
+        description="Write a pruned model whose surviving layers all have the same shape as a stock Hugging Face "
+        "checkpoint that transformers loads without prunekit.",
+    )
+    _add_model_options(export)
+    export.add_argument("--uniform", action="store_true", required=True,
+                        help="export with one global head/channel count (the only export kind so far)")
+    export.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
@@ -136,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
-                    "prune": _cmd_prune}
+                    "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export}
         return handlers[args.command](args)
     except PrunekitError as error:
         print(f"prunekit: error: {error}", file=sys.stderr)
@@ -283,6 +304,39 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         _write_json(args.json, {"model": str(args.model), "method": info.name, "plan_seed": args.seed,
                                 "settings": result.plan.settings, "calibration": result.plan.calibration,
                                 "metrics": result.metrics})
+    return 0
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    import prunekit
+    from prunekit.structure.params import measured_ratios
+    from prunekit.structure.plan import PruningPlan
+
+    if args.out.exists() and not args.overwrite:
+        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    if not args.plan.is_file():
+        raise PrunekitError(f"--plan {args.plan} does not exist")
+    plan = PruningPlan.from_json(args.plan.read_text())
+    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    adapter = prunekit.adapter_for(model)
+    prunekit.apply_plan(model, plan)
+    metrics = {"parameters": measured_ratios(model, adapter).to_dict()}
+    prunekit.save_pruned(model, tokenizer, args.out, {"metrics": metrics}, overwrite=args.overwrite)
+    counts = metrics["parameters"]
+    print(f"saved {args.out}: {counts['pruned_parameters']:,} parameters, ratio_all {counts['ratio_all']:.2%}, "
+          f"ratio_layers {counts['ratio_layers']:.2%}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import prunekit
+    from prunekit.io.export import export_uniform
+
+    if args.out.exists() and not args.overwrite:
+        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
     return 0
 
 

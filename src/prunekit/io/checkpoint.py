@@ -11,6 +11,7 @@ mis-shaped tensor is an error that names it, never a silent re-initialisation. A
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ class PrunedModelLoader:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, **kwargs: Any) -> nn.Module:
-        model, _ = load_pruned(path, dtype=dtype if dtype not in (None, "auto") else torch.float32, with_tokenizer=False)
+        if dtype in (None, "auto"):  # the dtype the weights were saved in
+            dtype = json.loads((Path(path) / "config.json").read_text())["base_config"].get("dtype") or "float32"
+        model, _ = load_pruned(path, dtype=dtype, with_tokenizer=False)
         return model
 
 
@@ -73,6 +76,7 @@ def save_pruned(
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
         save_file(_unique_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        os.chmod(staging / WEIGHTS_NAME, 0o644)  # safetensors writes it private; a checkpoint is an ordinary file
         PrunedConfig(base_config=dense_config, architectures=dense_config.get("architectures")).save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
