@@ -42,8 +42,10 @@ $(STAMPS)/corpora: $(STAMPS)/venv
 models: setup
 	$(VENV)/bin/prunekit models
 
+# Prune the bundled SmolLM2 with SlimGPT to 20% of its parameters (calibration and evaluation on disjoint
+# splits of the bundled sample), print the before/after table, and save the checkpoint under runs/.
 demo: setup corpora
-	$(VENV)/bin/prunekit eval --model smollm2-135m --ppl sample --seqlen 512 --max-tokens 16384
+	$(VENV)/bin/prunekit prune --model smollm2-135m --method slimgpt --ratio 0.2 --out runs/demo-slimgpt-20 --overwrite
 
 test: setup corpora
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -104,7 +104,13 @@ def _add_prune_parsers(commands) -> None:
     )
     _add_model_options(prune)
     prune.add_argument("--method", required=True, help="pruning method (see 'prunekit methods')")
-    prune.add_argument("--ratio", type=float, required=True, help="fraction to remove, e.g. 0.2")
+    prune.add_argument("--ratio", type=float,
+                       help="fraction to remove, e.g. 0.2 (required, except that depth methods take --blocks instead)")
+    prune.add_argument("--blocks", type=_positive_int, metavar="K",
+                       help="depth methods (blockpruner, shortgpt, sleb): remove exactly K units (sub-blocks or "
+                       "layers) instead of giving --ratio")
+    prune.add_argument("--block-type", choices=["mix", "attn", "mlp"],
+                       help="blockpruner: which sub-blocks are candidates (default: mix)")
     prune.add_argument("--ratio-of", default="all", choices=["all", "linear"],
                        help="what --ratio counts: all parameters (default) or decoder-layer linear weights")
     prune.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
@@ -279,6 +285,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     info = method_info(args.method)
     options = _parse_options(args.option)
+    ratio, state_path = _prune_target(args, info, options)
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
@@ -295,9 +302,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not args.no_eval:
         evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(model, args.eval_seqlen or seqlen),
                                         args.eval_tokens, args.bos)
-    result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
+    result = prune(model, tokenizer, info.name, ratio, args.ratio_of, calibration, evaluation, args.seed,
                    not args.no_progress, **options)
+    if args.blocks is not None:
+        result.metrics["target"] = {"blocks": args.blocks}
     result.save(args.out, overwrite=args.overwrite)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)  # the checkpoint's schedule artifact now holds the same steps
     print(_before_after_table(result.metrics, info.name))
     print(f"saved: {args.out}")
     if args.json is not None:
@@ -305,6 +316,39 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                 "settings": result.plan.settings, "calibration": result.plan.calibration,
                                 "metrics": result.metrics})
     return 0
+
+
+# prune() always validates a ratio; with --blocks the depth methods ignore it, and the CLI reports the block count
+# as the target instead.
+_BLOCKS_PLACEHOLDER_RATIO = 0.5
+
+
+def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> tuple[float, Path | None]:
+    """Check --ratio / --blocks / --block-type against the method and move the depth settings into ``options``.
+
+    Returns the ratio for prune() and, for resumable searches, the state file kept beside --out while the search
+    runs (rerunning the same command continues from it; it is deleted once the checkpoint is saved).
+    """
+    depth = "blocks" in info.defaults
+    if args.blocks is not None and args.ratio is not None:
+        raise PrunekitError("give either --ratio or --blocks, not both")
+    if args.blocks is not None and not depth:
+        raise PrunekitError(f"--blocks applies to the depth methods (blockpruner, shortgpt, sleb), not to "
+                            f"'{info.name}'; use --ratio")
+    if args.ratio is None and args.blocks is None:
+        raise PrunekitError("the following arguments are required: --ratio" + (" (or --blocks)" if depth else ""))
+    if args.block_type is not None:
+        if "block_type" not in info.defaults:
+            raise PrunekitError(f"--block-type applies to blockpruner, not to '{info.name}'")
+        options["block_type"] = args.block_type
+    if args.blocks is not None:
+        options["blocks"] = args.blocks
+    state_path = None
+    if "state_path" in info.defaults and "state_path" not in options:
+        out = args.out.absolute()
+        state_path = out.with_name(f"{out.name}.{info.name}-state.json")
+        options["state_path"] = str(state_path)
+    return (args.ratio if args.ratio is not None else _BLOCKS_PLACEHOLDER_RATIO), state_path
 
 
 def _cmd_save(args: argparse.Namespace) -> int:

@@ -67,8 +67,12 @@ def save_pruned(
     directory: str | Path,
     manifest: dict[str, Any] | None = None,
     overwrite: bool = False,
+    artifacts: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a pruned (or dense) model as a prunekit checkpoint, atomically; returns the directory."""
+    """Write a pruned model as a prunekit checkpoint, atomically; returns the directory.
+
+    ``artifacts`` maps extra file names to JSON-serialisable content written beside the weights.
+    """
     plan = getattr(model, "prunekit_plan", None)
     dense_config = getattr(model, "prunekit_dense_config", None)
     if plan is None or dense_config is None:
@@ -82,6 +86,8 @@ def save_pruned(
             tokenizer.save_pretrained(staging)
         body = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), **(manifest or {})}
         (staging / MANIFEST_NAME).write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
+        for name, content in (artifacts or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
     return directory
 
 

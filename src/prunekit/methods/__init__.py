@@ -3,7 +3,7 @@
 Importing this package imports every method module, which registers it.
 """
 
-from prunekit.methods import magnitude, slimgpt  # noqa: F401  (importing registers the methods)
+from prunekit.methods import blockpruner, magnitude, shortgpt, sleb, slimgpt  # noqa: F401  (importing registers the methods)
 from prunekit.methods.base import PruneResult, Target, available_methods, method_info, register
 from prunekit.methods.run import prune
 

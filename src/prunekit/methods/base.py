@@ -111,8 +111,11 @@ class PruneResult:
     tokenizer: Any
     plan: Any
     metrics: dict[str, Any]
+    # Extra JSON files a method leaves in the checkpoint, by file name (e.g. BlockPruner's removal schedule).
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         from prunekit.io.checkpoint import save_pruned
 
-        return save_pruned(self.model, self.tokenizer, directory, {"metrics": self.metrics}, overwrite=overwrite)
+        return save_pruned(self.model, self.tokenizer, directory, {"metrics": self.metrics}, overwrite=overwrite,
+                           artifacts=self.artifacts)

@@ -71,10 +71,10 @@ def eliminate_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor, colum
     order, column by column inside the block, then the stacked errors are applied to the live columns in one
     product (SlimGPT 2.3 step 7). The returned error is ``Σ_i ‖err_i‖²`` in the units of H.
     """
-    order = list(columns) + [index for index in live if index not in set(columns)]
+    removing = set(columns)
+    order = list(columns) + [index for index in live if index not in removing]
     block = len(columns)
-    permuted = hessian_inverse[order][:, order]
-    upper = torch.linalg.cholesky(permuted, upper=True)[:block]
+    upper = _leading_cholesky_rows(hessian_inverse, order, block)
     work = weight[:, order[:block]].clone()
     errors = torch.empty_like(work)
     for i in range(block):
@@ -85,6 +85,19 @@ def eliminate_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor, colum
         weight[:, rest] -= errors @ upper[:, block:]
     weight[:, order[:block]] = 0
     return float((errors**2).sum())
+
+
+def _leading_cholesky_rows(matrix: torch.Tensor, order: list[int], block: int) -> torch.Tensor:
+    """First ``block`` rows of the upper Cholesky factor of ``matrix[order][:, order]``, without factoring it all.
+
+    With P = UᵀU and the leading block S: U_SS = chol(P_SS) (upper) and U_SR = U_SS⁻ᵀ P_SR. Costs O(b²n) instead
+    of the O(n³) full factorisation, which dominated the MLP pruning time.
+    """
+    index = torch.tensor(order, dtype=torch.long, device=matrix.device)
+    rows = matrix.index_select(0, index[:block]).index_select(1, index)
+    upper_block = torch.linalg.cholesky(rows[:, :block], upper=True)
+    rest = torch.linalg.solve_triangular(upper_block.T, rows[:, block:], upper=False)
+    return torch.cat([upper_block, rest], dim=1)
 
 
 def decouple(hessian: torch.Tensor, columns: list[int]) -> None:

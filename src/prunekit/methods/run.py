@@ -44,7 +44,9 @@ def prune(
     if evaluation is not None:
         metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
     started = time.perf_counter()
-    plan = info.function(model, adapter, target, calibration, seed=seed, progress=progress, **settings)
+    outcome = info.function(model, adapter, target, calibration, seed=seed, progress=progress, **settings)
+    # A method returns its plan, or (plan, artifacts) when it leaves extra files in the checkpoint.
+    plan, artifacts = outcome if isinstance(outcome, tuple) else (outcome, {})
     plan.method, plan.settings, plan.seed = info.name, settings, seed
     plan.calibration = calibration.describe() if calibration is not None else {}
     apply_plan(model, plan)
@@ -53,7 +55,7 @@ def prune(
     if evaluation is not None:
         metrics["perplexity_after"] = perplexity(model, evaluation, progress=progress).to_dict()
     plan.metrics = metrics
-    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics)
+    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=artifacts)
 
 
 def _merge_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -119,12 +119,13 @@ def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_m
     o_proj = adapter.attention_linears(layer)["o_proj"]
     statistics = runner.collect(index, {"o_proj": o_proj}, stop_after="attention")
     weight = o_proj.weight.detach().float().clone()
-    hessian, _, damping = prepare_hessian(statistics["o_proj"].hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics["o_proj"].hessian(), weight, settings["damping"])
     g, dh = adapter.heads_per_group, adapter.head_dim
     width = dh if q_head_mode else g * dh
     quota = counts.attention_units if q_head_mode else None
-    removed, error = _greedy_units(weight, hessian, width, counts.attention_units * (adapter.num_kv_heads if q_head_mode else 1),
-                                   settings, group_of=(lambda unit: unit // g) if q_head_mode else None, quota=quota)
+    total = counts.attention_units * (adapter.num_kv_heads if q_head_mode else 1)
+    removed, error = _greedy_units(weight, hessian, width, total, settings, hessian_inverse,
+                                   group_of=(lambda unit: unit // g) if q_head_mode else None, quota=quota)
     with torch.no_grad():
         o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
     if q_head_mode:
@@ -134,7 +135,7 @@ def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_m
     return {"removed_units": sorted(removed), "error": error, "damping": damping.damping, "retries": damping.retries}
 
 
-def _greedy_units(weight, hessian, width, total, settings, group_of=None, quota=None) -> tuple[list[int], float]:
+def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None, group_of=None, quota=None):
     """Remove ``total`` units one at a time: rank by grouped-Cholesky error, eliminate the best, decouple.
 
     ``group_of`` / ``quota`` (q-head mode): a unit is eligible only while its KV group has lost fewer than
@@ -143,8 +144,9 @@ def _greedy_units(weight, hessian, width, total, settings, group_of=None, quota=
     units = weight.shape[1] // width
     removed: list[int] = []
     total_error = 0.0
-    for _ in range(total):
-        hessian_inverse = inverse(hessian)
+    for step in range(total):
+        if step or hessian_inverse is None:
+            hessian_inverse = inverse(hessian)
         errors = unit_errors(weight, hessian_inverse, width, exact=settings["exact_ranking"])
         for unit in range(units):
             group_full = group_of is not None and sum(group_of(u) == group_of(unit) for u in removed) >= quota
@@ -192,11 +194,12 @@ def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, settings) ->
     down_proj = adapter.mlp_linears(layer)["down_proj"]
     statistics = runner.collect(index, {"down_proj": down_proj}, keep_residual=True)
     weight = down_proj.weight.detach().float().clone()
-    hessian, _, damping = prepare_hessian(statistics["down_proj"].hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics["down_proj"].hessian(), weight, settings["damping"])
     removed: list[int] = []
     total_error = 0.0
-    for size in dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"]):
-        hessian_inverse = inverse(hessian)
+    for step, size in enumerate(dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"])):
+        if step:
+            hessian_inverse = inverse(hessian)
         scores = (weight**2).sum(dim=0) / torch.diagonal(hessian_inverse)
         scores[removed] = float("inf")
         batch = torch.sort(scores, stable=True).indices[:size].tolist()  # stable: ties go to the lowest index

@@ -1,0 +1,107 @@
+"""SlimGPT on SmolLM2-135M: held-out perplexity at several ratios for SlimGPT and its ablations.
+
+Variants, all pruning the same structures (KV groups and FFN channels, per-layer unit counts rounded the same way):
+- ``slimgpt``: log-increasing schedule with OBS compensation (the method as published, prunekit defaults);
+- ``slimgpt-uniform``: the same with a uniform per-layer ratio (the paper's schedule ablation);
+- ``slimgpt-no-comp``: the log schedule, units chosen by the same errors, but no compensation of o/down_proj;
+- ``magnitude``: L2 norm of each unit's weights, uniform ratio, no data.
+
+Calibration: 128 random windows of 512 tokens from the calibration split of ``--calib`` (seed 0). Evaluation:
+the evaluation split of ``--eval`` (disjoint text), windows of 512 tokens. Ratios are of all parameters.
+Writes ``benchmarks/results/slimgpt_ablation.json`` and ``.md`` with the machine and date.
+
+    .venv/bin/python benchmarks/slimgpt_ablation.py                       # the committed run
+    .venv/bin/python benchmarks/slimgpt_ablation.py --ratios 0.2 --variants slimgpt --eval-tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import prunekit
+from prunekit.data import calibration_windows, evaluation_windows
+from prunekit.evaluation.speed import machine_info
+from prunekit.report import format_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "slimgpt": ("slimgpt", {}),
+    "slimgpt-uniform": ("slimgpt", {"schedule": "uniform"}),
+    "slimgpt-no-comp": ("slimgpt", {"compensate": False}),
+    "magnitude": ("magnitude", {}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--calib", default="pydocs")
+    parser.add_argument("--eval", default="kjv")
+    parser.add_argument("--calib-tokens", type=int, default=128 * 512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--out", type=Path, default=RESULTS / "slimgpt_ablation")
+    args = parser.parse_args()
+
+    dense, tokenizer = prunekit.load_model("smollm2-135m")
+    calibration = calibration_windows(tokenizer, args.calib, args.calib_tokens, 512, "random", seed=0)
+    evaluation = evaluation_windows(tokenizer, args.eval, 512, args.eval_tokens)
+    dense_ppl = prunekit.perplexity(dense, evaluation, progress=False).perplexity
+    runs = []
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for name in args.variants.split(","):
+            method, options = VARIANTS[name]
+            model = copy.deepcopy(dense)
+            started = time.perf_counter()
+            result = prunekit.prune(model, tokenizer, method, ratio, "all", calibration if method == "slimgpt" else None,
+                                    seed=0, progress=False, **options)
+            seconds = time.perf_counter() - started
+            ppl = prunekit.perplexity(result.model, evaluation, progress=False).perplexity
+            counts = result.metrics["parameters"]
+            runs.append({"variant": name, "target_ratio_all": ratio, "ratio_all": counts["ratio_all"],
+                         "ratio_layers": counts["ratio_layers"], "parameters": counts["pruned_parameters"],
+                         "perplexity": ppl, "prune_seconds": round(seconds, 1),
+                         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
+            print(json.dumps(runs[-1]), flush=True)
+            del model, result
+    report = {"machine": machine_info(), "model": "smollm2-135m", "dense_perplexity": dense_ppl,
+              "calibration": calibration.describe(), "evaluation": evaluation.describe(), "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(report))
+    print(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    ratios = sorted({run["target_ratio_all"] for run in report["runs"]})
+    variants = list(dict.fromkeys(run["variant"] for run in report["runs"]))
+    cell = {(run["variant"], run["target_ratio_all"]): run for run in report["runs"]}
+    rows = [[name] + [f"{cell[(name, r)]['perplexity']:.2f} ({cell[(name, r)]['ratio_all']:.1%})"
+                      if (name, r) in cell else "-" for r in ratios] for name in variants]
+    machine = report["machine"]
+    return "\n".join([
+        "# SlimGPT ablation on SmolLM2-135M",
+        "",
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} cores, torch {machine.get('torch', '?')}, "
+        f"date {machine.get('date', '?')}, load average at start {machine.get('load_average')}.",
+        f"Dense perplexity: {report['dense_perplexity']:.2f}. Calibration: {report['calibration']}. "
+        f"Evaluation: {report['evaluation']}.",
+        "",
+        "Perplexity on held-out text (realised ratio of all parameters in brackets):",
+        "",
+        "```",
+        format_table(["variant"] + [f"{r:.0%}" for r in ratios], rows),
+        "```",
+        "",
+        "Prune time and peak RSS per run are in the JSON file.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
