@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "slimgpt_ablation")
     args = parser.parse_args()
 
+    machine = machine_info()
     dense, tokenizer = prunekit.load_model("smollm2-135m")
     calibration = calibration_windows(tokenizer, args.calib, args.calib_tokens, 512, "random", seed=0)
     evaluation = evaluation_windows(tokenizer, args.eval, 512, args.eval_tokens)
@@ -69,12 +70,17 @@ def main() -> None:
                          "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
             print(json.dumps(runs[-1]), flush=True)
             del model, result
-    report = {"machine": machine_info(), "model": "smollm2-135m", "dense_perplexity": dense_ppl,
+            _write(args.out, machine, dense_ppl, calibration, evaluation, runs)  # partial results survive a stop
+    print(_markdown(_write(args.out, machine, dense_ppl, calibration, evaluation, runs)))
+
+
+def _write(out: Path, machine: dict, dense_ppl: float, calibration, evaluation, runs: list) -> dict:
+    report = {"machine": machine, "model": "smollm2-135m", "dense_perplexity": dense_ppl,
               "calibration": calibration.describe(), "evaluation": evaluation.describe(), "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(report))
-    print(_markdown(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(_markdown(report))
+    return report
 
 
 def _markdown(report: dict) -> str:

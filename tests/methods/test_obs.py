@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from prunekit.methods.obs import decouple, eliminate_columns, inverse, prepare_hessian, unit_errors
+from prunekit.methods.obs import (
+    decouple,
+    downdate_inverse,
+    eliminate_columns,
+    inverse,
+    prepare_hessian,
+    unit_errors,
+)
 
 
 def _problem(out=5, width=3, units=4, tokens=200, seed=0):
@@ -87,3 +94,11 @@ def test_prepare_hessian_handles_dead_inputs_and_retries_damping():
     indefinite[0, 0] = 4.0
     _, recovered, report = prepare_hessian(indefinite, torch.ones(2, 4, dtype=torch.float64), damping=0.01)
     assert report.retries > 0 and report.notes and torch.isfinite(recovered).all()
+
+
+def test_downdated_inverse_equals_inverse_of_decoupled_hessian():
+    weight, inputs = _problem(seed=6)
+    hessian = inputs @ inputs.T
+    downdated = downdate_inverse(inverse(hessian), [3, 4, 5])
+    decouple(hessian, [3, 4, 5])
+    assert torch.allclose(downdated, inverse(hessian), atol=1e-10)

@@ -58,7 +58,7 @@ def test_compensation_lowers_layer_output_error(tiny_tokenizer, windows):
         model(windows[0].input_ids[:4])
     handle.remove()
     inputs = torch.cat(captured)
-    settings = {"exact_ranking": False, "compensate": True}
+    settings = {"exact_ranking": False, "compensate": True, "inverse_update": "reinvert"}
     weight = o_proj.weight.detach().clone()
     hessian, _, _ = prepare_hessian(statistics["o_proj"].hessian(), weight, 0.01)
     removed, _ = _greedy_units(weight, hessian, 16, 2, settings)
@@ -106,3 +106,12 @@ def test_layer_ratios_uniform_and_log(tiny_tokenizer):
     uniform = layer_ratios(adapter, Target(0.3, "linear"), {"schedule": "uniform"})
     log = layer_ratios(adapter, Target(0.3, "linear"), {"schedule": "log_increase", "first_ratio": 0.0, "ratio_cap": 0.9})
     assert uniform == [0.3] * 4 and log[0] == 0.0 and sum(log) / 4 == pytest.approx(0.3)
+
+
+def test_downdate_option_gives_the_same_pruning(tiny_tokenizer, windows):
+    reinvert = _slimgpt(make_tiny_model("llama", layers=3), tiny_tokenizer, windows[0], ratio=0.4)
+    downdate = _slimgpt(make_tiny_model("llama", layers=3), tiny_tokenizer, windows[0], ratio=0.4,
+                        inverse_update="downdate")
+    assert reinvert.plan.to_dict()["layers"] == downdate.plan.to_dict()["layers"]
+    for a, b in zip(reinvert.model.parameters(), downdate.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -13,6 +13,8 @@ Departures from the paper, each an option with the toolkit default from the meth
   weights match ``r_l`` (with 3 KV groups per layer, rounding heads alone is far off). ``False``: paper behaviour.
 - DGS follows the released schedule (floor 64 channels per step), not the paper's text (down to 8).
 - Damping 0.01·mean(diag H), ×10 on a Cholesky failure (not stated in the paper); retries are reported.
+- ``inverse_update="downdate"`` (off by default; the paper re-inverts H every step) obtains the next inverse by
+  a Schur-complement downdate: the same result up to rounding, several times faster on CPU.
 - ``exact_ranking`` (off by default) ranks units by their true joint removal cost instead of the paper's
   diagonal approximation.
 - q-head mode for one-KV-head models (Gemma-3-270M): units are single query heads, every KV group losing the same
@@ -31,7 +33,14 @@ from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import Target, register
-from prunekit.methods.obs import decouple, eliminate_columns, inverse, prepare_hessian, unit_errors
+from prunekit.methods.obs import (
+    decouple,
+    downdate_inverse,
+    eliminate_columns,
+    inverse,
+    prepare_hessian,
+    unit_errors,
+)
 from prunekit.methods.schedule import log_increasing_ratios, uniform_ratios, unit_counts
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.plan import PruningPlan
@@ -54,6 +63,7 @@ ATTENTION_UNITS = ("auto", "kv_group", "q_head")
     attention_unit="auto",
     dgs_max=1024,
     dgs_min=64,
+    inverse_update="reinvert",
     batch_size=8,
     offload="none",
 )
@@ -145,7 +155,7 @@ def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None,
     removed: list[int] = []
     total_error = 0.0
     for step in range(total):
-        if step or hessian_inverse is None:
+        if hessian_inverse is None or step and settings["inverse_update"] == "reinvert":
             hessian_inverse = inverse(hessian)
         errors = unit_errors(weight, hessian_inverse, width, exact=settings["exact_ranking"])
         for unit in range(units):
@@ -157,7 +167,17 @@ def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None,
         columns = list(range(best * width, (best + 1) * width))
         removed.append(best)
         total_error += _remove(weight, hessian_inverse, hessian, columns, gone, settings["compensate"])
+        hessian_inverse = _next_inverse(hessian_inverse, columns, settings["inverse_update"])
     return removed, total_error
+
+
+def _next_inverse(hessian_inverse, columns, inverse_update):
+    """The downdated inverse, or None when the next step re-inverts the decoupled Hessian (the paper's way)."""
+    if inverse_update == "downdate":
+        return downdate_inverse(hessian_inverse, columns)
+    if inverse_update != "reinvert":
+        raise PrunekitError(f"unknown inverse_update '{inverse_update}'; use reinvert or downdate")
+    return None
 
 
 def _remove(weight, hessian_inverse, hessian, columns, already_removed, compensate) -> float:
@@ -197,14 +217,15 @@ def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, settings) ->
     hessian, hessian_inverse, damping = prepare_hessian(statistics["down_proj"].hessian(), weight, settings["damping"])
     removed: list[int] = []
     total_error = 0.0
-    for step, size in enumerate(dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"])):
-        if step:
+    for size in dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"]):
+        if hessian_inverse is None:
             hessian_inverse = inverse(hessian)
         scores = (weight**2).sum(dim=0) / torch.diagonal(hessian_inverse)
         scores[removed] = float("inf")
         batch = torch.sort(scores, stable=True).indices[:size].tolist()  # stable: ties go to the lowest index
         total_error += _remove(weight, hessian_inverse, hessian, batch, removed, settings["compensate"])
         removed.extend(batch)
+        hessian_inverse = _next_inverse(hessian_inverse, batch, settings["inverse_update"])
     with torch.no_grad():
         down_proj.weight.copy_(weight.to(down_proj.weight.dtype))
     kept = sorted(set(range(adapter.intermediate_size)) - set(removed))
