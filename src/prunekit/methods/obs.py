@@ -49,7 +49,7 @@ def prepare_hessian(
         damped = hessian + report.damping * mean_diagonal * identity
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and torch.isfinite(factor).all():
-            return damped, torch.cholesky_inverse(factor), report
+            return damped, _inverse_from_cholesky(factor), report
         report.notes.append(f"Cholesky failed at damping {report.damping:g}; retrying with {report.damping * 10:g}")
         report.damping *= 10
         report.retries = attempt + 1
@@ -60,8 +60,20 @@ def inverse(hessian: torch.Tensor) -> torch.Tensor:
     """Cholesky-based inverse of a positive definite matrix."""
     factor, info = torch.linalg.cholesky_ex(hessian)
     if int(info):
-        raise PrunekitError("Hessian lost positive definiteness during pruning; raise --damping")
-    return torch.cholesky_inverse(factor)
+        raise PrunekitError("Hessian lost positive definiteness during pruning; raise the damping option")
+    return _inverse_from_cholesky(factor)
+
+
+def _inverse_from_cholesky(factor: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹`` via a triangular solve and a product.
+
+    ``torch.cholesky_inverse`` computes the same, but its LAPACK path on CPU slowed down 35x (5.3 s instead of
+    0.15 s for a 1536 x 1536 matrix) whenever another process competed for the cores; solve + matmul go through
+    well-behaved BLAS kernels (0.4 s in the same conditions).
+    """
+    identity = torch.eye(len(factor), dtype=factor.dtype, device=factor.device)
+    lower_inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+    return lower_inverse.T @ lower_inverse
 
 
 def eliminate_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor, columns: list[int], live: list[int]) -> float:
