@@ -129,6 +129,14 @@ def markdown(report: dict) -> str:
         "| dtype | tokens | batch | prunekit tok/s | bare tok/s | ratio | median batch-pair ratio | target |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    loads = [machine["load_average"][0], machine["load_average_end"][0]]
+    if max(loads) > machine["cpu_count"]:
+        lines[2:2] = [
+            f"Note: other jobs shared the machine (1-minute load average {loads[0]:.1f} at start, {loads[1]:.1f} at "
+            f"end, on {machine['cpu_count']} CPUs), so absolute tokens/s are depressed and vary by pass; the ratio "
+            "is what the batch-level pairing protects.",
+            "",
+        ]
     for dtype, result in report["results"].items():
         medians = result["tokens_per_second_median"]
         lines.append(

@@ -177,7 +177,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
         # Other processes competing for the cores distort timings badly (torch's threads wait on each other).
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "device": str(device),
     }
     if torch.device(device).type == "cuda":
