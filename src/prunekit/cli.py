@@ -100,7 +100,9 @@ def _add_prune_parsers(commands) -> None:
     prune = commands.add_parser(
         "prune", help="prune a model and save the checkpoint",
         description="Calibrate, prune with --method to --ratio, materialise (weights really shrink), measure "
-        "perplexity before and after on evaluation text disjoint from the calibration text, and save.",
+        "perplexity before and after on evaluation text disjoint from the calibration text, and save. The greedy "
+        "depth searches (blockpruner, sleb) keep their finished steps in OUT.METHOD-state.json while they run; "
+        "rerunning the same command resumes them, and the file is deleted once the checkpoint is saved.",
     )
     _add_model_options(prune)
     prune.add_argument("--method", required=True, help="pruning method (see 'prunekit methods')")

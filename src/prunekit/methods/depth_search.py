@@ -315,30 +315,29 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
 
     ``abandon_bound`` None scores every unit completely; otherwise see the module docstring (exactness).
     """
-    complete: list[tuple[float, tuple[int, int]]] = []  # sorted (sum, key) of completely scored units
-    by_key = {unit.key: unit for unit in order}
+    complete: list[tuple[float, tuple[int, int], int]] = []  # sorted (sum, key, position) of complete units
     scores: dict[Unit, Score] = {}
-    for unit in tqdm(order, desc=desc, unit="cand", disable=not progress, leave=False):
+    for position, unit in enumerate(tqdm(order, desc=desc, unit="cand", disable=not progress, leave=False)):
         score = stack.score(unit, _bound(complete, abandon_bound))
         scores[unit] = score
         if score.complete:
-            bisect.insort(complete, (score.nll_sum, unit.key))
+            bisect.insort(complete, (score.nll_sum, unit.key, position))
     if not complete or not math.isfinite(complete[0][0]):
         raise PrunekitError("every candidate gives a non-finite calibration loss; the model diverges")
-    best_sum, best_key = complete[0]
+    best_sum, best = complete[0][0], order[complete[0][2]]
     lowest_abandoned = min((s.nll_sum for s in scores.values() if not s.complete), default=math.inf)
     if len(complete) > 1:
-        runner_sum, runner_key = complete[1]
+        runner_sum, runner = complete[1][0], order[complete[1][2]]
         exact = runner_sum <= lowest_abandoned
-        runner, runner_sum = by_key[runner_key], min(runner_sum, lowest_abandoned)
+        runner_sum = min(runner_sum, lowest_abandoned)
     else:  # a single candidate, or (bound "best") every other one abandoned
         runner = None
         runner_sum = lowest_abandoned if math.isfinite(lowest_abandoned) else None
         exact = len(order) == 1
-    return StepOutcome(by_key[best_key], best_sum, runner, runner_sum, exact, scores)
+    return StepOutcome(best, best_sum, runner, runner_sum, exact, scores)
 
 
-def _bound(complete: list[tuple[float, tuple[int, int]]], abandon_bound: str | None) -> float:
+def _bound(complete: list[tuple[float, tuple[int, int], int]], abandon_bound: str | None) -> float:
     """The running sum above which a candidate is dropped: the best's or the runner-up's complete sum."""
     if abandon_bound is None:
         return math.inf

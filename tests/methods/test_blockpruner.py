@@ -1,0 +1,183 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.errors import PrunekitError
+from prunekit.evaluation.perplexity import perplexity
+from prunekit.methods.base import Target
+from prunekit.methods.depth_search import (
+    ATTN,
+    MLP,
+    BranchStack,
+    Unit,
+    plan_from_units,
+    removal_ratios,
+    run_step,
+)
+from prunekit.models.adapters import adapter_for
+from prunekit.structure.params import measured_ratios, predicted_ratios
+from tests.conftest import FAMILIES
+from tests.methods.depth_helpers import peaked_model, run_method, sampled_windows, schedule_of
+
+
+def _complete_scores(schedule):
+    """Per step, {unit: ppl} of the completely scored candidates."""
+    return [{(kind, layer): ppl for kind, layer, ppl, _ in step if ppl is not None}
+            for step in schedule["candidate_ppl"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_search_equals_plain_search(family):
+    """Prefix cache + early abandon change neither the schedule nor any completed score, in any family."""
+    model = peaked_model(family)
+    windows = sampled_windows(model)
+    runs = {mode: schedule_of("blockpruner", model, windows, blocks=4, search=mode)
+            for mode in ("fast", "prefix", "plain")}
+    plain = runs["plain"]
+    for mode in ("fast", "prefix"):
+        assert runs[mode]["order"] == plain["order"]
+        assert runs[mode]["calibration_nll_sum"] == plain["calibration_nll_sum"]  # bit-identical
+    assert runs["prefix"]["candidate_ppl"] == plain["candidate_ppl"]
+    for fast_step, plain_step in zip(_complete_scores(runs["fast"]), _complete_scores(plain), strict=True):
+        assert fast_step.items() <= plain_step.items()
+    assert sum(runs["prefix"]["branch_executions"]) < sum(plain["branch_executions"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_recorded_scores_equal_a_fresh_evaluation_of_the_materialised_model(family):
+    model = peaked_model(family, layers=3)
+    windows = sampled_windows(model)
+    dense = copy.deepcopy(model)
+    schedule = schedule_of("blockpruner", model, windows, blocks=5)
+    adapter = adapter_for(dense)
+    units = [Unit(kind, layer) for kind, layer in schedule["order"]]
+    for k in range(len(units) + 1):
+        pruned = prunekit.apply_plan(copy.deepcopy(dense), plan_from_units(adapter, units[:k]))
+        fresh = perplexity(pruned, windows, progress=False).perplexity
+        assert schedule["calibration_ppl"][k] == pytest.approx(fresh, rel=1e-5)
+        assert schedule["ratio_all"][k] == pytest.approx(measured_ratios(pruned, adapter).ratio_all)
+    for a, b in zip(model.state_dict().values(), dense.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the search leaves the model untouched
+
+
+def test_early_abandon_reduces_branch_runs_and_keeps_margins_exact():
+    model = peaked_model("llama", layers=4)
+    windows = sampled_windows(model, count=12)
+    fast = schedule_of("blockpruner", model, windows, blocks=4)
+    loose = schedule_of("blockpruner", model, windows, blocks=4, abandon_bound="best")
+    prefix = schedule_of("blockpruner", model, windows, blocks=4, search="prefix")
+    assert fast["order"] == loose["order"] == prefix["order"]
+    assert sum(fast["abandoned"]) > 0
+    assert sum(loose["branch_executions"]) <= sum(fast["branch_executions"]) < sum(prefix["branch_executions"])
+    assert sum(fast["head_executions"]) < sum(prefix["head_executions"])
+    assert all(fast["margin_exact"]) and fast["margins"] == pytest.approx(prefix["margins"], rel=1e-12)
+    for margin, exact, true in zip(loose["margins"], loose["margin_exact"], prefix["margins"], strict=True):
+        assert margin == pytest.approx(true, rel=1e-12) if exact else margin <= true  # else: a lower bound
+
+
+@pytest.mark.parametrize("abandon_bound", [None, "best", "runner_up"])
+def test_exact_ties_keep_the_earliest_unit_in_any_order(abandon_bound):
+    """Attention of layers 0 and 2 contributes exactly zero, so removing either leaves the same bits."""
+    model = peaked_model("llama", layers=3)
+    with torch.no_grad():
+        for index in (0, 2):
+            model.model.layers[index].self_attn.o_proj.weight.zero_()
+    windows = sampled_windows(model)
+    with torch.no_grad():
+        stack = BranchStack(model, adapter_for(model), windows, batch_size=1, cache=True, progress=False)
+        stack.set_removed([])
+        order = [Unit(ATTN, 2), Unit(MLP, 1), Unit(ATTN, 0)]
+        outcome = run_step(stack, order, abandon_bound)
+    assert outcome.best == Unit(ATTN, 0) and outcome.runner_up == Unit(ATTN, 2)
+    assert outcome.best_sum == outcome.runner_up_sum == stack.score().nll_sum
+
+
+def test_both_sub_blocks_of_a_layer_remove_the_layer():
+    adapter = adapter_for(peaked_model("llama", layers=3))
+    plan = plan_from_units(adapter, [Unit(ATTN, 1), Unit(MLP, 2), Unit(MLP, 1)])
+    assert [layer.layer_removed for layer in plan.layers] == [False, True, False]
+    assert plan.layers[2].mlp_removed and plan.layers[2].has_attention
+
+
+def test_ratio_target_picks_the_smallest_count_reaching_it_or_the_closest():
+    model = peaked_model("llama", layers=3)
+    windows = sampled_windows(model)
+    reference = schedule_of("blockpruner", model, windows, blocks=4)
+    ratios = reference["ratio_all"]
+    goal = ratios[2] + 0.25 * (ratios[3] - ratios[2])  # between 2 and 3 removals, closer to 2
+    plan, artifacts = run_method("blockpruner", model, windows, Target(goal))
+    schedule = artifacts["blockpruner_schedule.json"]
+    assert schedule["selected_blocks"] == 3 and len(schedule["order"]) == 3
+    assert schedule["order"] == reference["order"][:3]
+    assert predicted_ratios(plan, adapter_for(model)).ratio_all >= goal
+    closest = schedule_of("blockpruner", model, windows, Target(goal), select="closest")
+    assert closest["selected_blocks"] == 2 and closest["removed"] == reference["order"][:2]
+    extra = schedule_of("blockpruner", model, windows, Target(goal), extra_steps=1)
+    assert extra["selected_blocks"] == 3 and extra["order"] == reference["order"][:4]
+
+
+def test_block_type_restricts_the_candidates():
+    model = peaked_model("llama", layers=3)
+    windows = sampled_windows(model, count=4)
+    for block_type, kinds in (("attn", {"attn"}), ("mlp", {"mlp"})):
+        schedule = schedule_of("blockpruner", model, windows, blocks=2, block_type=block_type)
+        assert {kind for kind, _ in schedule["order"]} == kinds
+        assert all(kind in kinds for step in schedule["candidate_ppl"] for kind, *_ in step)
+
+
+@pytest.mark.parametrize(
+    "options,target,pattern",
+    [
+        ({"blocks": 7}, None, "more than the 6 sub-blocks"),
+        ({"block_type": "attn"}, Target(0.9), "out of reach"),
+        ({"block_type": "ffn", "blocks": 1}, None, "unknown block_type 'ffn'"),
+        ({"search": "quick", "blocks": 1}, None, "unknown search 'quick'"),
+        ({"max_steps": 1, "blocks": 2}, None, "needs state_path"),
+        ({}, None, "give a ratio target or a number of blocks"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(options, target, pattern):
+    model = peaked_model("llama", layers=3)
+    with pytest.raises(PrunekitError, match=pattern) as error:
+        run_method("blockpruner", model, sampled_windows(model, count=2), target, **options)
+    assert "\n" not in str(error.value)
+
+
+def test_interrupted_search_resumes_to_the_same_schedule(tmp_path):
+    model = peaked_model("llama", layers=4)
+    windows = sampled_windows(model)
+    reference = schedule_of("blockpruner", model, windows, blocks=5)
+    state = tmp_path / "search.json"
+    for done in (2, 4):
+        with pytest.raises(PrunekitError, match=f"paused after 2 new steps \\({done} done\\)"):
+            run_method("blockpruner", model, windows, blocks=5, state_path=str(state), max_steps=2)
+        assert len(json.loads(state.read_text())["steps"]) == done
+    resumed = schedule_of("blockpruner", model, windows, blocks=5, state_path=str(state))
+    assert resumed["order"] == reference["order"]
+    assert resumed["calibration_nll_sum"] == reference["calibration_nll_sum"]
+    assert resumed["resumed_at_steps"] == [2, 4]
+    shorter = schedule_of("blockpruner", model, windows, blocks=3, state_path=str(state), search="plain")
+    assert shorter["removed"] == reference["order"][:3] and len(shorter["order"]) == 5  # nothing recomputed
+    with pytest.raises(PrunekitError, match="belongs to another run"):
+        run_method("blockpruner", model, sampled_windows(model, seed=1), blocks=5, state_path=str(state))
+    with pytest.raises(PrunekitError, match="belongs to another run"):
+        run_method("blockpruner", model, windows, blocks=3, state_path=str(state), block_type="attn")
+
+
+def test_schedule_records_counts_timings_and_ratios():
+    model = peaked_model("llama", layers=3)
+    windows = sampled_windows(model, count=4)
+    schedule = schedule_of("blockpruner", model, windows, blocks=2)
+    assert len(schedule["calibration_ppl"]) == len(schedule["ratio_all"]) == 3
+    assert schedule["calibration_ppl"][0] == pytest.approx(
+        math.exp(schedule["calibration_nll_sum"][0] / (4 * (windows.seqlen - 1))))
+    assert all(seconds >= 0 for seconds in schedule["seconds"])
+    assert schedule["candidates"] == [6, 5]
+    assert schedule["target"] == {"blocks": 2, "extra_steps": 0}
+    assert schedule["ratio_all"][1:] == [pytest.approx(removal_ratios(adapter_for(model), [
+        Unit(kind, layer) for kind, layer in schedule["order"][:k]])[0]) for k in (1, 2)]
+    json.dumps(schedule, allow_nan=False)
