@@ -85,3 +85,14 @@ def test_kjv_excludes_sample_books_and_splits_testaments():
 def test_pydocs_library_is_evaluation():
     calibration, evaluation = _assert_disjoint_cover("pydocs")
     assert len(evaluation.records) > 100 and len(calibration.records) > 100
+
+
+def test_missing_debian_corpora_name_the_install_command(monkeypatch, tmp_path):
+    from prunekit.data import corpora
+
+    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    monkeypatch.setattr(corpora, "PYDOCS_ROOT", tmp_path / "absent")
+    with pytest.raises(PrunekitError, match="apt-get install bible-kjv"):
+        load_corpus("kjv")
+    with pytest.raises(PrunekitError, match="apt-get install python3.11-doc"):
+        load_corpus("pydocs")
