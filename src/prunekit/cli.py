@@ -283,11 +283,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
-    from prunekit.methods import method_info, prune
+    from prunekit.methods import Target, method_info, prune
+    from prunekit.methods.run import _merge_options
 
     info = method_info(args.method)
     options = _parse_options(args.option)
     ratio, state_path = _prune_target(args, info, options)
+    Target(ratio, args.ratio_of)  # fail on a bad ratio or option before the model is loaded
+    _merge_options(info.name, info.defaults, options)
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):

@@ -49,6 +49,13 @@ def test_help_lists_every_subcommand_and_option(capsys):
         (["eval", "--dtype", "int3"], "unknown dtype 'int3'"),
         (["eval", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["prune", "--method", "slimgpt", "--ratio", "1.5", "--out", "x"], "--ratio 1.5 is out of range"),
+        (["prune", "--method", "nope", "--ratio", "0.2", "--out", "x"], "unknown method 'nope'"),
+        (["prune", "--method", "slimgpt", "--ratio", "0.2", "--out", "x", "--option", "dampign=0.1"],
+         "has no option 'dampign'"),
+        (["prune", "--method", "slimgpt", "--ratio", "0.2", "--out", "x", "--option", "damping=lots"],
+         "must be a float"),
+        (["prune", "--method", "slimgpt", "--out", "x"], "--ratio"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, argv, pattern):
