@@ -27,10 +27,14 @@ def test_bundled_sample_is_large_enough_and_split():
 
 def test_text_file_paragraphs_and_tail_split(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("\n\n".join(f"paragraph {i} " + "word " * 20 for i in range(20)))
-    calibration, evaluation = _assert_disjoint_cover(path)
+    text = "\n\n".join(f"paragraph {i} " + "word " * 20 for i in range(20)) + "\n"
+    path.write_text(text)
+    calibration, evaluation = (load_corpus(path, split) for split in ("calibration", "evaluation"))
+    assert not set(calibration.records) & set(evaluation.records)
+    assert len(calibration.records) + len(evaluation.records) == 20
     assert evaluation.records[-1].startswith("paragraph 19")
     assert calibration.name == "notes.txt"
+    assert load_corpus(path, "all").text == text  # the whole file is used verbatim
 
 
 def test_jsonl_text_field(tmp_path):

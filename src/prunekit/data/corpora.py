@@ -10,7 +10,8 @@ belong to calibration and which to evaluation:
 - ``pydocs``: Debian's ``python3.11-doc`` reST sources, one record per file in sorted order; the library reference
   (``library/``) is evaluation, everything else (tutorial, howto, faq, reference, c-api, ...) calibration.
 - a local ``.txt`` file (records = paragraphs separated by blank lines) or ``.jsonl`` file (records = the ``text``
-  field): the last quarter by characters is evaluation. ``split="all"`` gives the whole file.
+  field): the last quarter by characters is evaluation. ``split="all"`` gives the whole file (a ``.txt`` file
+  verbatim, as one record).
 - ``wikitext2``, ``ptb``, ``c4``, ``alpaca``: Hugging Face datasets, their published train / test splits (alpaca:
   a fixed 10% test split, seed 42), only where the network or a local datasets cache allows.
 """
@@ -66,6 +67,10 @@ def load_corpus(source: str | Path, split: str = "evaluation") -> CorpusText:
         return _hf_dataset(name, split)
     check_source(name)
     path = Path(name).expanduser()
+    if split == "all" and path.suffix != ".jsonl":
+        # The whole file, verbatim: a calibration text given by a user (e.g. a paper's golden case) must tokenise
+        # to exactly the ids it gives on its own, not to its paragraphs re-joined.
+        return CorpusText(path.name, split, [_read_text(path)], f"local file {path}")
     return _tail_split(path.name, _file_records(path), split, f"local file {path}")
 
 
@@ -105,11 +110,18 @@ def _sample_text() -> str:
     return resources.files("prunekit.data").joinpath("corpora/sample.txt").read_text(encoding="utf-8")
 
 
-def _file_records(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise PrunekitError(f"{path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+    if not raw.strip():
+        raise PrunekitError(f"{path} contains no text")
+    return raw
+
+
+def _file_records(path: Path) -> list[str]:
+    raw = _read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(raw.splitlines(), start=1):

@@ -32,7 +32,9 @@ Resume: with a ``state_path`` the finished steps are written (atomically) after 
 fingerprint of the weights, the calibration windows and the settings that change the schedule; a rerun with the
 same fingerprint continues from the last finished step and yields the same schedule (scores are deterministic and
 the prefix cache is a pure function of the removal set). The schedule is nested, so the target (``blocks`` /
-ratio) is not part of the fingerprint: a rerun with a larger target extends the search.
+ratio) is not part of the fingerprint: a rerun with a larger target extends the search. Caveat: on a loaded
+machine a multi-threaded BLAS has been seen to change the last bits of a score between processes (3e-8 relative
+on SmolLM2), which could only flip a near-exact tie.
 """
 
 from __future__ import annotations
