@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
@@ -217,29 +216,21 @@ def linear_weight_count(linears: dict[str, nn.Linear]) -> int:
     return sum(linear.weight.numel() for linear in linears.values())
 
 
-def unique_parameter_count(module: nn.Module) -> int:
-    """Parameters counted once per tensor, so a tied embedding / lm_head matrix counts once."""
+def _unique_parameters(module: nn.Module):
+    """Each parameter tensor once, even when two modules share its storage (a tied embedding / lm_head)."""
     seen: set[int] = set()
-    total = 0
     for parameter in module.parameters():
         key = parameter.data_ptr() if parameter.numel() else id(parameter)
         if key not in seen:
             seen.add(key)
-            total += parameter.numel()
-    return total
+            yield parameter
+
+
+def unique_parameter_count(module: nn.Module) -> int:
+    """Parameters counted once per tensor, so a tied embedding / lm_head matrix counts once."""
+    return sum(parameter.numel() for parameter in _unique_parameters(module))
 
 
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes held by unique parameters."""
-    seen: set[int] = set()
-    total = 0
-    for parameter in module.parameters():
-        if parameter.data_ptr() not in seen:
-            seen.add(parameter.data_ptr())
-            total += parameter.numel() * parameter.element_size()
-    return total
-
-
-def first_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.parameters())
-    return parameter.device, parameter.dtype
+    return sum(parameter.numel() * parameter.element_size() for parameter in _unique_parameters(module))
