@@ -66,15 +66,16 @@ def test_offload_gives_identical_results_and_cleans_up(offload, tmp_path):
     seen_files = []
     runner = LayerwiseRunner(model, adapter_for(model), ids, batch_size=2, offload=offload, offload_dir=tmp_path,
                              progress=False)
-    for index, layer in runner.layers():
-        runner.collect(index, {"down_proj": adapter_for(model).mlp_linears(layer)["down_proj"]}, keep_residual=True)
+    for index, _layer in runner.layers():
+        runner.collect_branch(index, "attention")
         seen_files.append(len(list(tmp_path.iterdir())))
-        runner.advance(index)
+        runner.finish_branch(index, "attention")
+        runner.run_branch(index, "mlp")
     with torch.no_grad():
         logits = head_logits(model, runner.inputs.tensor())
     runner.close()
     assert torch.equal(logits, reference)
-    assert seen_files == ([2] * 3 if offload == "disk" else [0] * 3)  # inputs + kept residual
+    assert seen_files == ([2] * 3 if offload == "disk" else [0] * 3)  # inputs + kept o_proj inputs
     assert list(tmp_path.iterdir()) == []
 
 

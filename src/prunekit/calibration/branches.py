@@ -7,6 +7,11 @@ post-attention residual of its MLP-statistics pass. The norms come from the adap
 norm, second = post-branch norm), the same ops run in the same order as the stock layer forward, so the result is
 bit-identical to ``layer(hidden, **kwargs)``. A removed branch (a ``RemovedAttention`` / ``RemovedMLP`` stand-in)
 contributes exactly zero, so it is skipped without running anything.
+
+In every supported family each branch ends in one linear (``o_proj``, ``down_proj``) whose output is the branch
+output before the post-norm. :func:`replay_branch` uses that: given the inputs that linear saw, it recomputes the
+branch output with the linear's *current* weights, bit-identically to a rerun when nothing else changed, at the
+cost of one matmul. SlimGPT prunes and compensates exactly that linear, so it never reruns a branch.
 """
 
 from __future__ import annotations
@@ -78,6 +83,55 @@ def mlp_branch(adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor) -> 
         return hidden
     pre, post = _branch_norms(adapter.mlp_norm_modules(layer), "MLP")
     output = mlp(pre(hidden))
+    if post is not None:
+        output = post(output)
+    return hidden + output
+
+
+BRANCHES = ("attention", "mlp")
+OUTPUT_LINEARS = {"attention": "o_proj", "mlp": "down_proj"}
+
+
+def check_branch(branch: str) -> str:
+    if branch not in BRANCHES:
+        raise PrunekitError(f"unknown branch '{branch}'; use attention or mlp")
+    return branch
+
+
+def branch_module(adapter: ArchAdapter, layer: nn.Module, branch: str) -> nn.Module:
+    """The attention or MLP module of ``layer``."""
+    return adapter.attention(layer) if check_branch(branch) == "attention" else adapter.mlp(layer)
+
+
+def output_linear(adapter: ArchAdapter, layer: nn.Module, branch: str) -> nn.Linear:
+    """The last linear of a branch (``o_proj`` / ``down_proj``); its output is the branch output before post-norm."""
+    module = branch_module(adapter, layer, branch)
+    if is_removed(module):
+        raise PrunekitError(f"the {branch} block of this layer was removed; it has no output linear")
+    return getattr(module, OUTPUT_LINEARS[branch])
+
+
+def branch_norms(adapter: ArchAdapter, layer: nn.Module, branch: str) -> tuple[nn.Module, nn.Module | None]:
+    """The pre-norm and the optional post-norm (Gemma3) of a branch."""
+    norms = adapter.attention_norm_modules(layer) if check_branch(branch) == "attention" else adapter.mlp_norm_modules(layer)
+    return _branch_norms(norms, branch)
+
+
+def run_branch(
+    adapter: ArchAdapter, layer: nn.Module, branch: str, hidden: torch.Tensor, context: LayerContext
+) -> torch.Tensor:
+    """``hidden`` plus the output of one branch (``context`` is used by attention only)."""
+    if check_branch(branch) == "attention":
+        return attention_branch(adapter, layer, hidden, context)
+    return mlp_branch(adapter, layer, hidden)
+
+
+def replay_branch(
+    adapter: ArchAdapter, layer: nn.Module, branch: str, hidden: torch.Tensor, features: torch.Tensor
+) -> torch.Tensor:
+    """``hidden`` plus the branch output recomputed from ``features``, the inputs its output linear saw."""
+    _, post = branch_norms(adapter, layer, branch)
+    output = output_linear(adapter, layer, branch)(features)
     if post is not None:
         output = post(output)
     return hidden + output

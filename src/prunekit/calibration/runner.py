@@ -5,17 +5,17 @@ layer's linears on the inputs that the *already pruned* earlier layers produce, 
 calibration windows through it, continue. :class:`LayerwiseRunner` owns that walk. Only the current layer's input
 activations ``[n, L, d]`` are held (on the device, the CPU or disk), and outputs overwrite them batch by batch.
 
-SlimGPT's pattern, with its exact speed-up (the MLP pass reuses the post-attention residual of pass b)::
+SlimGPT's pattern: each branch runs once, with the inputs of its output linear kept, so that after the pruner
+has edited that linear (zeroed and compensated columns) the branch output is recomputed by one matmul::
 
     with LayerwiseRunner(model, adapter, windows, offload="cpu") as runner:
         for index, layer in runner.layers():
-            o_proj = adapter.attention_linears(layer)["o_proj"]
-            stats = runner.collect(index, {"o_proj": o_proj}, stop_after="attention")      # (a)
-            prune_attention(layer, stats["o_proj"].hessian())
-            down = adapter.mlp_linears(layer)["down_proj"]
-            stats = runner.collect(index, {"down_proj": down}, keep_residual=True)         # (b)
-            prune_mlp(layer, stats["down_proj"].hessian())
-            runner.advance(index)                                                          # (c), MLP branch only
+            stats = runner.collect_branch(index, "attention")     # o_proj inputs: statistics, kept
+            prune_attention(layer, stats.hessian())               # edits o_proj only
+            runner.finish_branch(index, "attention")              # stream += o_proj(kept inputs)
+            stats = runner.collect_branch(index, "mlp")           # down_proj inputs
+            prune_mlp(layer, stats.hessian())
+            runner.finish_branch(index, "mlp")                    # the layer's outputs; next layer
 """
 
 from __future__ import annotations
@@ -27,7 +27,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.calibration.branches import LayerContext, attention_branch, mlp_branch
+from prunekit.calibration.branches import (
+    LayerContext,
+    attention_branch,
+    branch_module,
+    branch_norms,
+    check_branch,
+    mlp_branch,
+    output_linear,
+    replay_branch,
+    run_branch,
+)
 from prunekit.calibration.capture import capture_layer_inputs
 from prunekit.calibration.statistics import HESSIAN, InputStatistics, input_statistics
 from prunekit.calibration.store import ActivationStore, check_offload
@@ -63,7 +73,8 @@ class LayerwiseRunner:
         self.num_windows, self.seqlen = int(input_ids.shape[0]), int(input_ids.shape[1])
         self._layers = adapter.decoder_layers(model)
         self._position = 0
-        self._residual: tuple[int, ActivationStore, tuple] | None = None
+        self._mid_layer = False  # the stream holds layer `position`'s post-attention residual, not its inputs
+        self._kept: tuple[int, str, ActivationStore, tuple] | None = None
         self._inputs, self._contexts = capture_layer_inputs(
             model, adapter, input_ids, self.batches(), self._new_store_like, progress
         )
@@ -100,9 +111,12 @@ class LayerwiseRunner:
             raise PrunekitError(f"no layer arguments were captured for batch size {batch_size}; use runner.batches()")
         return self._contexts[batch_size][index].on(_device_of(self._layers[index], self.inputs.device))
 
-    def _check_position(self, index: int) -> nn.Module:
+    def _check_position(self, index: int, mid_layer: bool = False) -> nn.Module:
         if index != self._position:
             raise PrunekitError(f"the runner holds the inputs of layer {self._position}, not of layer {index}")
+        if mid_layer != self._mid_layer:
+            where = "after its attention branch" if self._mid_layer else "at its inputs"
+            raise PrunekitError(f"layer {index} is {where}; finish its branches in order (attention, then mlp)")
         return self._layers[index]
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
@@ -122,36 +136,22 @@ class LayerwiseRunner:
         linears: Mapping[str, nn.Module],
         kinds: Iterable[str] = (HESSIAN,),
         stop_after: str = "mlp",
-        keep_residual: bool = False,
     ) -> dict[str, InputStatistics]:
         """Run layer ``index`` over all windows with ``linears`` hooked; return their input statistics.
 
         ``stop_after="attention"`` runs only the attention branch (enough for o_proj or q/k/v statistics).
-        ``keep_residual`` keeps the post-attention residual so that the next :meth:`advance` runs only the MLP
-        branch. Do not edit the attention branch in between (or pass ``reuse_residual=False`` there): replaced
-        modules or parameters and in-place edits through a parameter are detected and trigger a recompute, but
-        writes through ``parameter.data`` are invisible. The layer's inputs are left untouched.
+        The layer's inputs are left untouched.
         """
         layer = self._check_position(index)
         if stop_after not in STOP_POINTS:
             raise PrunekitError(f"unknown stop point '{stop_after}'; use attention or mlp")
-        self._drop_residual()
-        residual = self._inputs_like() if keep_residual else None
-        try:
-            with input_statistics(linears, kinds) as statistics:
-                for rows in self.batches():
-                    context = self.context(index, rows.stop - rows.start)
-                    middle = attention_branch(self.adapter, layer, self.inputs.read(rows), context)
-                    if residual is not None:
-                        residual.write(rows, middle)
-                    if stop_after == "mlp":
-                        mlp_branch(self.adapter, layer, middle)
-        except BaseException:
-            if residual is not None:
-                residual.close()
-            raise
-        if residual is not None:
-            self._residual = (index, residual, self._attention_fingerprint(layer))
+        self._drop_kept()
+        with input_statistics(linears, kinds) as statistics:
+            for rows in self.batches():
+                context = self.context(index, rows.stop - rows.start)
+                middle = attention_branch(self.adapter, layer, self.inputs.read(rows), context)
+                if stop_after == "mlp":
+                    mlp_branch(self.adapter, layer, middle)
         _check_seen(statistics)
         return statistics
 
@@ -161,66 +161,129 @@ class LayerwiseRunner:
         index: int,
         linears: Mapping[str, nn.Module] | None = None,
         kinds: Iterable[str] = (HESSIAN,),
-        reuse_residual: bool = True,
         on_batch: BatchObserver | None = None,
     ) -> dict[str, InputStatistics]:
         """Run the (possibly pruned) layer ``index`` over all windows; its outputs become the next layer's inputs.
 
         ``linears`` are hooked during this pass (one pass for statistics *and* outputs, as FLAP and ShortGPT
         need). ``on_batch(rows, inputs, outputs)`` sees every mini-batch before its inputs are overwritten; the
-        tensors are only valid during the call. A residual kept by :meth:`collect` is reused when allowed and
-        still valid, in which case only the MLP branch runs and no attention linear can be hooked.
+        tensors are only valid during the call.
         """
         layer = self._check_position(index)
-        residual = self._usable_residual(index, layer) if reuse_residual else None
+        self._drop_kept()
         with input_statistics(linears or {}, kinds) as statistics:
             try:
                 for rows in self.batches():
-                    inputs = self.inputs.read(rows) if residual is None or on_batch is not None else None
-                    if residual is not None:
-                        outputs = mlp_branch(self.adapter, layer, residual.read(rows))
-                    else:
-                        outputs = _hidden_of(layer(inputs, **self.context(index, rows.stop - rows.start).kwargs))
+                    inputs = self.inputs.read(rows)
+                    outputs = _hidden_of(layer(inputs, **self.context(index, rows.stop - rows.start).kwargs))
                     if on_batch is not None:
                         on_batch(rows, inputs, outputs)
                     self.inputs.write(rows, outputs)
             except BaseException:
                 self.close()  # inputs are half overwritten: nothing valid is left to continue from
                 raise
-        self._drop_residual()
         self._position = index + 1
         _check_seen(statistics)
         return statistics
 
-    # -- kept residual -------------------------------------------------------------------------------------
-    def _inputs_like(self) -> ActivationStore:
-        store = self.inputs
-        return ActivationStore(store.shape, store.dtype, store.device, self.offload, self.offload_dir)
+    # -- one branch at a time ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_branch(self, index: int, branch: str, kinds: Iterable[str] = (HESSIAN,)) -> InputStatistics:
+        """Run ``branch`` of layer ``index`` over all windows; keep the inputs of its output linear, return their
+        statistics. The stream is left untouched until :meth:`finish_branch`, which uses the kept inputs.
 
-    def _attention_fingerprint(self, layer: nn.Module) -> tuple:
-        """Identity and in-place version of everything on the attention branch, to detect edits after a collect."""
-        modules = [self.adapter.attention(layer), *self.adapter.attention_norm_modules(layer).values()]
-        return tuple((id(module), tuple((id(p), p.data_ptr(), p._version) for p in module.parameters()))
+        Between the two calls only the output linear (o_proj / down_proj) and the branch's post-norm may change;
+        an edit anywhere else in the branch is detected at :meth:`finish_branch` (except writes through
+        ``parameter.data``, which are invisible).
+        """
+        layer = self._check_position(index, mid_layer=check_branch(branch) == "mlp")
+        linear = output_linear(self.adapter, layer, branch)
+        self._drop_kept()
+        kept: list[ActivationStore] = []
+        current_rows: list[slice] = []
+
+        def keep(_module: nn.Module, args: tuple) -> None:
+            if not kept:
+                kept.append(self._new_store_like(args[0]))
+            kept[0].write(current_rows[-1], args[0])
+
+        handle = linear.register_forward_pre_hook(keep)
+        try:
+            with input_statistics({branch: linear}, kinds) as statistics:
+                for rows in self.batches():
+                    current_rows.append(rows)
+                    run_branch(self.adapter, layer, branch, self.inputs.read(rows),
+                               self.context(index, rows.stop - rows.start))
+        except BaseException:
+            for store in kept:
+                store.close()
+            raise
+        finally:
+            handle.remove()
+        _check_seen(statistics)
+        self._kept = (index, branch, kept[0], self._branch_fingerprint(layer, branch))
+        return statistics[branch]
+
+    @torch.no_grad()
+    def finish_branch(self, index: int, branch: str) -> None:
+        """Add ``branch``'s output, recomputed from the kept inputs through the current output linear, to the
+        stream. After the MLP branch the stream holds the layer's outputs and the runner moves to the next layer."""
+        layer = self._check_position(index, mid_layer=check_branch(branch) == "mlp")
+        if self._kept is None or self._kept[:2] != (index, branch):
+            raise PrunekitError(f"no kept inputs for the {branch} branch of layer {index}; call collect_branch first")
+        if self._kept[3] != self._branch_fingerprint(layer, branch):
+            raise PrunekitError(f"the {branch} branch of layer {index} changed outside its output linear after "
+                                "collect_branch; its kept inputs are stale (collect again)")
+        features = self._kept[2]
+        try:
+            for rows in self.batches():
+                self.inputs.write(rows, replay_branch(self.adapter, layer, branch, self.inputs.read(rows),
+                                                      features.read(rows)))
+        except BaseException:
+            self.close()
+            raise
+        self._drop_kept()
+        self._after_branch(index, branch)
+
+    @torch.no_grad()
+    def run_branch(self, index: int, branch: str) -> None:
+        """Run ``branch`` of layer ``index`` over all windows and add it to the stream, collecting nothing."""
+        layer = self._check_position(index, mid_layer=check_branch(branch) == "mlp")
+        self._drop_kept()
+        try:
+            for rows in self.batches():
+                self.inputs.write(rows, run_branch(self.adapter, layer, branch, self.inputs.read(rows),
+                                                   self.context(index, rows.stop - rows.start)))
+        except BaseException:
+            self.close()
+            raise
+        self._after_branch(index, branch)
+
+    def _after_branch(self, index: int, branch: str) -> None:
+        self._mid_layer = branch == "attention"
+        if branch == "mlp":
+            self._position = index + 1
+
+    # -- kept branch inputs ---------------------------------------------------------------------------------
+    def _branch_fingerprint(self, layer: nn.Module, branch: str) -> tuple:
+        """Identity and in-place version of the branch's modules except its output linear and post-norm."""
+        linear = output_linear(self.adapter, layer, branch)
+        pre, post = branch_norms(self.adapter, layer, branch)
+        exempt = {id(p) for p in linear.parameters()} | {id(p) for p in (post.parameters() if post else ())}
+        modules = [branch_module(self.adapter, layer, branch), pre]
+        return tuple((id(module), tuple((id(p), p.data_ptr(), p._version) for p in module.parameters()
+                                        if id(p) not in exempt))
                      for module in modules)
 
-    def _usable_residual(self, index: int, layer: nn.Module) -> ActivationStore | None:
-        if self._residual is None:
-            return None
-        kept_index, store, fingerprint = self._residual
-        if kept_index != index or fingerprint != self._attention_fingerprint(layer):
-            self._drop_residual()
-            return None
-        return store
-
-    def _drop_residual(self) -> None:
-        if self._residual is not None:
-            self._residual[1].close()
-            self._residual = None
+    def _drop_kept(self) -> None:
+        if self._kept is not None:
+            self._kept[2].close()
+            self._kept = None
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Free all cached activations and delete any offload files."""
-        self._drop_residual()
+        self._drop_kept()
         if self._inputs is not None:
             self._inputs.close()
             self._inputs = None

@@ -4,7 +4,8 @@ Per decoder layer, on the already pruned model's activations: (a) Hessian of the
 Greedy Pruning of attention units (KV groups; single query heads in q-head mode) ranked by the grouped-Cholesky
 error and removed one at a time with OBS compensation of the surviving o_proj columns; (b) Hessian of the
 down_proj inputs of the attention-pruned layer, then greedy batches of FFN channels with Dynamic Group Size and
-compensation of the surviving down_proj columns; (c) the pruned layer's outputs feed the next layer. Per-layer
+compensation of the surviving down_proj columns; (c) the pruned layer's outputs feed the next layer. Each branch
+runs once: pruning changes only o_proj / down_proj, so the branch output is recomputed from their kept inputs. Per-layer
 ratios follow the Incremental Pruning Ratio (log-increasing) schedule, solved so the global ratio hits the target.
 
 Departures from the paper, each an option with the toolkit default from the method spec:
@@ -89,9 +90,14 @@ def slimgpt(
             entry: dict[str, Any] = {"layer": index, "ratio": round(ratios[index], 5)}
             if counts.attention_units:
                 entry["attention"] = _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings)
+                runner.finish_branch(index, "attention")
+            else:
+                runner.run_branch(index, "attention")
             if counts.channels:
                 entry["mlp"] = _prune_mlp_layer(runner, index, layer, adapter, plan, counts.channels, settings)
-            runner.advance(index)
+                runner.finish_branch(index, "mlp")
+            else:
+                runner.run_branch(index, "mlp")
             report.append(entry)
             if progress:
                 tqdm.write(_describe(entry, plan, index))
@@ -127,9 +133,9 @@ def _describe(entry: dict[str, Any], plan: PruningPlan, index: int) -> str:
 
 def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings) -> dict[str, Any]:
     o_proj = adapter.attention_linears(layer)["o_proj"]
-    statistics = runner.collect(index, {"o_proj": o_proj}, stop_after="attention")
+    statistics = runner.collect_branch(index, "attention")
     weight = o_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics["o_proj"].hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, settings["damping"])
     g, dh = adapter.heads_per_group, adapter.head_dim
     width = dh if q_head_mode else g * dh
     quota = counts.attention_units if q_head_mode else None
@@ -212,9 +218,9 @@ def dgs_group_sizes(total: int, largest: int = 1024, smallest: int = 64) -> list
 
 def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, settings) -> dict[str, Any]:
     down_proj = adapter.mlp_linears(layer)["down_proj"]
-    statistics = runner.collect(index, {"down_proj": down_proj}, keep_residual=True)
+    statistics = runner.collect_branch(index, "mlp")
     weight = down_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics["down_proj"].hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, settings["damping"])
     removed: list[int] = []
     total_error = 0.0
     for size in dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"]):
