@@ -7,7 +7,9 @@ Variants, all pruning the same structures (KV groups and FFN channels, per-layer
 - ``magnitude``: L2 norm of each unit's weights, uniform ratio, no data.
 
 Calibration: 128 random windows of 512 tokens from the calibration split of ``--calib`` (seed 0). Evaluation:
-the evaluation split of ``--eval`` (disjoint text), windows of 512 tokens. Ratios are of all parameters.
+the evaluation split of each ``--eval`` corpus (text disjoint from the calibration: by default ``pydocs``
+library/ pages, the calibration's own domain, and the ``kjv`` New Testament, another domain), windows of 512
+tokens. Ratios are of all parameters.
 Writes ``benchmarks/results/slimgpt_ablation.json`` and ``.md`` with the machine and date.
 
     .venv/bin/python benchmarks/slimgpt_ablation.py                       # the committed run
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--calib", default="pydocs")
-    parser.add_argument("--eval", default="kjv")
+    parser.add_argument("--eval", default="pydocs,kjv", help="comma-separated evaluation corpora")
     parser.add_argument("--calib-tokens", type=int, default=128 * 512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=RESULTS / "slimgpt_ablation")
@@ -51,8 +53,8 @@ def main() -> None:
     machine = machine_info()
     dense, tokenizer = prunekit.load_model("smollm2-135m")
     calibration = calibration_windows(tokenizer, args.calib, args.calib_tokens, 512, "random", seed=0)
-    evaluation = evaluation_windows(tokenizer, args.eval, 512, args.eval_tokens)
-    dense_ppl = prunekit.perplexity(dense, evaluation, progress=False).perplexity
+    evaluation = {name: evaluation_windows(tokenizer, name, 512, args.eval_tokens) for name in args.eval.split(",")}
+    dense_ppl = _perplexities(dense, evaluation)
     runs = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for name in args.variants.split(","):
@@ -62,7 +64,7 @@ def main() -> None:
             result = prunekit.prune(model, tokenizer, method, ratio, "all", calibration if method == "slimgpt" else None,
                                     seed=0, progress=False, **options)
             seconds = time.perf_counter() - started
-            ppl = prunekit.perplexity(result.model, evaluation, progress=False).perplexity
+            ppl = _perplexities(result.model, evaluation)
             counts = result.metrics["parameters"]
             runs.append({"variant": name, "target_ratio_all": ratio, "ratio_all": counts["ratio_all"],
                          "ratio_layers": counts["ratio_layers"], "parameters": counts["pruned_parameters"],
@@ -74,9 +76,14 @@ def main() -> None:
     print(_markdown(_write(args.out, machine, dense_ppl, calibration, evaluation, runs)))
 
 
-def _write(out: Path, machine: dict, dense_ppl: float, calibration, evaluation, runs: list) -> dict:
+def _perplexities(model, evaluation: dict) -> dict[str, float]:
+    return {name: prunekit.perplexity(model, windows, progress=False).perplexity for name, windows in evaluation.items()}
+
+
+def _write(out: Path, machine: dict, dense_ppl: dict, calibration, evaluation, runs: list) -> dict:
     report = {"machine": machine, "model": "smollm2-135m", "dense_perplexity": dense_ppl,
-              "calibration": calibration.describe(), "evaluation": evaluation.describe(), "runs": runs}
+              "calibration": calibration.describe(),
+              "evaluation": {name: windows.describe() for name, windows in evaluation.items()}, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(_markdown(report))
@@ -87,23 +94,23 @@ def _markdown(report: dict) -> str:
     ratios = sorted({run["target_ratio_all"] for run in report["runs"]})
     variants = list(dict.fromkeys(run["variant"] for run in report["runs"]))
     cell = {(run["variant"], run["target_ratio_all"]): run for run in report["runs"]}
-    rows = [[name] + [f"{cell[(name, r)]['perplexity']:.2f} ({cell[(name, r)]['ratio_all']:.1%})"
-                      if (name, r) in cell else "-" for r in ratios] for name in variants]
+    corpora = list(report["dense_perplexity"])
+    tables = []
+    for corpus in corpora:
+        rows = [[name] + [f"{cell[(name, r)]['perplexity'][corpus]:.2f} ({cell[(name, r)]['ratio_all']:.1%})"
+                          if (name, r) in cell else "-" for r in ratios] for name in variants]
+        tables += [f"Held-out `{corpus}` (dense {report['dense_perplexity'][corpus]:.2f}); realised ratio of all "
+                   "parameters in brackets:", "", "```", format_table(["variant"] + [f"{r:.0%}" for r in ratios], rows),
+                   "```", ""]
     machine = report["machine"]
     return "\n".join([
         "# SlimGPT ablation on SmolLM2-135M",
         "",
         f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} cores, torch {machine.get('torch', '?')}, "
         f"date {machine.get('date', '?')}, load average at start {machine.get('load_average')}.",
-        f"Dense perplexity: {report['dense_perplexity']:.2f}. Calibration: {report['calibration']}. "
-        f"Evaluation: {report['evaluation']}.",
+        f"Calibration: {report['calibration']}.",
         "",
-        "Perplexity on held-out text (realised ratio of all parameters in brackets):",
-        "",
-        "```",
-        format_table(["variant"] + [f"{r:.0%}" for r in ratios], rows),
-        "```",
-        "",
+        *tables,
         "Prune time and peak RSS per run are in the JSON file.",
         "",
     ])
