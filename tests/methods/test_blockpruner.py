@@ -67,16 +67,51 @@ def test_recorded_scores_equal_a_fresh_evaluation_of_the_materialised_model(fami
 def test_early_abandon_reduces_branch_runs_and_keeps_margins_exact():
     model = peaked_model("llama", layers=4)
     windows = sampled_windows(model, count=12)
-    fast = schedule_of("blockpruner", model, windows, blocks=4)
-    loose = schedule_of("blockpruner", model, windows, blocks=4, abandon_bound="best")
+    exact = schedule_of("blockpruner", model, windows, blocks=4, abandon_bound="runner_up", screen_topk=0)
+    loose = schedule_of("blockpruner", model, windows, blocks=4, screen_topk=0)  # default bound: the best's
     prefix = schedule_of("blockpruner", model, windows, blocks=4, search="prefix")
-    assert fast["order"] == loose["order"] == prefix["order"]
-    assert sum(fast["abandoned"]) > 0
-    assert sum(loose["branch_executions"]) <= sum(fast["branch_executions"]) < sum(prefix["branch_executions"])
-    assert sum(fast["head_executions"]) < sum(prefix["head_executions"])
-    assert all(fast["margin_exact"]) and fast["margins"] == pytest.approx(prefix["margins"], rel=1e-12)
-    for margin, exact, true in zip(loose["margins"], loose["margin_exact"], prefix["margins"], strict=True):
-        assert margin == pytest.approx(true, rel=1e-12) if exact else margin <= true  # else: a lower bound
+    assert exact["order"] == loose["order"] == prefix["order"]
+    assert sum(exact["abandoned"]) > 0
+    assert sum(loose["branch_executions"]) <= sum(exact["branch_executions"]) < sum(prefix["branch_executions"])
+    assert sum(exact["head_executions"]) < sum(prefix["head_executions"])
+    assert all(exact["margin_exact"]) and exact["margins"] == pytest.approx(prefix["margins"], rel=1e-12)
+    for margin, is_exact, true in zip(loose["margins"], loose["margin_exact"], prefix["margins"], strict=True):
+        assert margin == pytest.approx(true, rel=1e-12) if is_exact else margin <= true  # else: a lower bound
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_screened_head_keeps_the_schedule_and_saves_head_runs(family):
+    model = peaked_model(family, layers=4)
+    windows = sampled_windows(model, count=12)
+    unscreened = schedule_of("blockpruner", model, windows, blocks=4, screen_topk=0)
+    screened = schedule_of("blockpruner", model, windows, blocks=4, screen_topk=8)
+    plain = schedule_of("blockpruner", model, windows, blocks=4, search="plain")
+    assert screened["order"] == unscreened["order"] == plain["order"]
+    assert screened["calibration_nll_sum"] == plain["calibration_nll_sum"]  # bit-identical
+    for screened_step, plain_step in zip(_complete_scores(screened), _complete_scores(plain), strict=True):
+        assert screened_step.items() <= plain_step.items()
+    assert sum(screened["screen_executions"]) > 0 and sum(unscreened["screen_executions"]) == 0
+    assert sum(screened["head_executions"]) < sum(unscreened["head_executions"])
+    assert screened["screen_topk"] == 8 and plain["screen_topk"] == 0
+
+
+@pytest.mark.parametrize("topk", [1, 4, 64])
+def test_screen_lower_bounds_never_exceed_the_exact_window_nll(topk):
+    model = peaked_model("qwen2", layers=3)
+    windows = sampled_windows(model, count=4)
+    with torch.no_grad():
+        stack = BranchStack(model, adapter_for(model), windows, batch_size=2, cache=True, progress=False,
+                            screen_topk=topk)
+        stack.set_removed([])
+        screens = stack._head_screens()
+        for skip in ([], [1], [0, 3], [2, 4, 5]):  # the current model and models with branches removed
+            for rows, screen in zip(stack.batches, screens, strict=True):
+                hidden = stack._suffix(0, stack.embedded[rows], frozenset(skip))
+                exact = stack._window_nll(hidden, rows)
+                for bound, value in zip(screen.lower_bounds(model, hidden), exact, strict=True):
+                    assert 0 <= bound <= value * (1 + 1e-6)
+                    if not skip and topk == 64:
+                        assert bound == pytest.approx(value, rel=1e-3)  # tight for the model it was built from
 
 
 @pytest.mark.parametrize("abandon_bound", [None, "best", "runner_up"])

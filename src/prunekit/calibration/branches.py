@@ -154,3 +154,18 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+def subset_logits(model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """The logits of :func:`head_logits` for the token ids ``vocabulary`` only (columns in that order).
+
+    A log-sum-exp over a subset of the vocabulary is a lower bound of the full one, so these give a cheap lower
+    bound of a next-token NLL when the target is in the subset (BlockPruner's screened early abandon).
+    """
+    head = model.get_output_embeddings()
+    bias = head.bias[vocabulary] if getattr(head, "bias", None) is not None else None
+    logits = torch.nn.functional.linear(model.model.norm(hidden), head.weight[vocabulary], bias)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap  # monotone: the subset bound still holds
+    return logits

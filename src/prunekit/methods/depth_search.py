@@ -22,11 +22,20 @@ best score:
    is monotone), so a running sum is a lower bound of the candidate's total. Once it is strictly greater than the
    bound, the candidate can neither win nor tie, and it is dropped. Every unit whose total is <= the bound is
    therefore always scored completely, and ties are settled by the canonical key among completed units. The bound
-   is the runner-up's complete sum (``abandon_bound="runner_up"``, default: the logged best/runner-up margin stays
-   exact) or the best one's (``"best"``, the spec's rule: a little more abandoning, the margin may become a lower
-   bound, flagged ``margin_exact: false``).
+   is the best complete sum so far (``abandon_bound="best"``, default, the spec's rule; the logged best/runner-up
+   margin may then be a lower bound, flagged ``margin_exact: false``) or the runner-up's (``"runner_up"``: a little
+   less abandoning, the margin stays exact).
 3. *Ranked order*: units are scored in the order of the previous step's ranking (complete sums, abandoned units by
    their running mean extrapolated to all windows), so a tight bound is found first. Order only affects speed.
+4. *Screened head* (``screen_topk`` > 0): the LM head costs as much as ~10 SmolLM2 layers per window, and most
+   candidates lose by a few percent, far too little for a running sum to pass the bound before the last window.
+   So a candidate first runs its layers for every window and gets a cheap *lower bound* of each window's NLL: the
+   log-sum-exp over a subset of the vocabulary (every target, plus the current model's top-k tokens at every
+   position) is at most the full one, so ``LSE_S(z) - z_target <= NLL`` token by token. If the bounds already
+   exceed the search bound, the candidate is dropped without running the full head; otherwise its windows are
+   scored exactly, dropping it as soon as exact sums so far plus the bounds of the rest exceed the search bound.
+   The bound is compared with a margin of ``SCREEN_MARGIN`` (relative) so that fp32 rounding of the two different
+   computations can never drop a candidate whose exact sum would be within the bound.
 
 Resume: with a ``state_path`` the finished steps are written (atomically) after every step together with a
 fingerprint of the weights, the calibration windows and the settings that change the schedule; a rerun with the
@@ -54,7 +63,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.calibration.branches import attention_branch, head_logits, mlp_branch
+from prunekit.calibration.branches import attention_branch, head_logits, mlp_branch, subset_logits
 from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
@@ -76,8 +85,11 @@ RATIO_SLACK = 1e-12
 COUNT_UNIT = "one sub-block (attention or MLP branch) or head run over one calibration window"
 
 # Options every greedy depth method shares (registered with each method; see SearchOptions).
-SEARCH_DEFAULTS: dict[str, Any] = dict(search="fast", abandon_bound="runner_up", batch_size=1, state_path="",
-                                       max_steps=0)
+SEARCH_DEFAULTS: dict[str, Any] = dict(search="fast", abandon_bound="best", batch_size=1, state_path="",
+                                       max_steps=0, screen_topk=64)
+# Relative slack before a screened lower bound may drop a candidate. The bound and the exact NLL are fp32 sums
+# computed differently; their rounding differs by ~1e-7 relative per window, far below this.
+SCREEN_MARGIN = 1e-5
 
 
 # -- units ---------------------------------------------------------------------------------------------------
@@ -209,18 +221,43 @@ class Score:
     complete: bool
 
 
+@dataclass(frozen=True)
+class HeadScreen:
+    """For one batch of windows: a vocabulary subset holding every target, and where each target sits in it."""
+
+    vocabulary: torch.Tensor  # sorted token ids
+    target_columns: torch.Tensor  # [b, L - 1]
+
+    @classmethod
+    def build(cls, logits: torch.Tensor, input_ids: torch.Tensor, topk: int) -> HeadScreen:
+        targets = input_ids[:, 1:].to(logits.device)
+        top = logits[:, :-1].topk(min(topk, logits.shape[-1]), dim=-1).indices
+        vocabulary = torch.unique(torch.cat([top.flatten(), targets.flatten()]))
+        return cls(vocabulary, torch.searchsorted(vocabulary, targets.contiguous()))
+
+    def lower_bounds(self, model: nn.Module, hidden: torch.Tensor) -> list[float]:
+        """Per window, a lower bound of its NLL sum (log-sum-exp over the subset only)."""
+        logits = subset_logits(model, hidden[:, :-1], self.vocabulary).float()
+        target = logits.gather(-1, self.target_columns.unsqueeze(-1)).squeeze(-1)
+        return (torch.logsumexp(logits, dim=-1) - target).double().sum(dim=1).tolist()
+
+
 class BranchStack:
     """The decoder as 2L residual branches over fixed calibration windows, with an optional prefix cache.
 
     ``points[p]`` (cache on) is the residual entering branch p for every window under the current removal set;
     ``points[2L]`` is the stream entering the final norm. Removed branches share their input's tensor. Memory:
     at most (2L + 1) x tokens x d in the model dtype (SmolLM2, 8,192 tokens, fp32: about 1.1 GB).
-    ``counts`` tallies branch and head runs per window: ``branch`` while scoring, ``cache`` while (re)building.
+    ``counts`` tallies branch and head runs per window: ``branch`` while scoring, ``cache`` while (re)building,
+    ``head`` for full LM-head runs and ``screen`` for screened lower bounds. ``screen_topk`` (needs the cache)
+    turns on the screened head (module docstring, point 4).
     """
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, batch_size: int,
-                 cache: bool, progress: bool = True):
+                 cache: bool, progress: bool = True, screen_topk: int = 0):
         self.model, self.adapter, self.use_cache = model, adapter, cache
+        self.screen_topk = screen_topk if cache else 0
+        self._screens: list[HeadScreen] | None = None
         self.layers = adapter.decoder_layers(model)
         self.num_points = 2 * len(self.layers)
         self.input_ids = windows.input_ids
@@ -233,13 +270,15 @@ class BranchStack:
             self.embedded = runner.inputs.tensor()  # layer-0 inputs (the runner's store is freed on close)
         self.removed: frozenset[int] = frozenset()
         self.points: list[torch.Tensor | None] = [self.embedded] + [None] * self.num_points
-        self.counts = {"branch": 0, "head": 0, "cache": 0}
+        self.counts = {"branch": 0, "head": 0, "cache": 0, "screen": 0}
 
     def set_removed(self, points: Iterable[int]) -> None:
         """Make ``points`` the removal set; with the cache, recompute it from the first point that changed."""
         new = frozenset(points)
         changed = min(new ^ self.removed, default=None)
         self.removed = new
+        if changed is not None:
+            self._screens = None
         if self.use_cache:
             built = self.points[-1] is not None
             if not built or changed is not None:
@@ -273,6 +312,12 @@ class BranchStack:
         # A diverging candidate (non-finite loss) scores +inf: it loses to any finite one and is never chosen.
         return [value if math.isfinite(value) else math.inf for value in sums]
 
+    def _suffix(self, start: int, hidden: torch.Tensor, skip: frozenset[int]) -> torch.Tensor:
+        for point in range(start, self.num_points):
+            if point not in skip:
+                hidden = self._branch(point, hidden, "branch")
+        return hidden
+
     def score(self, unit: Unit | None = None, bound: float = math.inf) -> Score:
         """NLL sum of the current model with ``unit`` removed too (None: as is); stops once the sum exceeds ``bound``."""
         skip = self.removed | frozenset(unit.points if unit is not None else ())
@@ -281,18 +326,49 @@ class BranchStack:
             source = self.points[start]
         else:
             start, source = 0, self.embedded
+        if self.screen_topk and math.isfinite(bound):
+            return self._screened_score(start, source, skip, bound)
         total, done = 0.0, 0
         for rows in self.batches:
-            hidden = source[rows]
-            for point in range(start, self.num_points):
-                if point not in skip:
-                    hidden = self._branch(point, hidden, "branch")
-            for value in self._window_nll(hidden, rows):
+            for value in self._window_nll(self._suffix(start, source[rows], skip), rows):
                 total += value  # window order is fixed, so every mode adds the same numbers in the same order
             done = rows.stop
             if total > bound and done < self.num_windows:
                 break
         return Score(total, done, done == self.num_windows)
+
+    def _screened_score(self, start: int, source: torch.Tensor, skip: frozenset[int], bound: float) -> Score:
+        """:meth:`score` with the screened head: lower bounds first, exact sums only while the bound may hold."""
+        limit = bound + SCREEN_MARGIN * abs(bound)
+        screens = self._head_screens()
+        finals: list[torch.Tensor] = []
+        lower: list[float] = []
+        for rows, screen in zip(self.batches, screens, strict=True):
+            finals.append(self._suffix(start, source[rows], skip))
+            lower.extend(screen.lower_bounds(self.model, finals[-1]))
+            self.counts["screen"] += rows.stop - rows.start
+            if math.fsum(lower) > limit:
+                return Score(math.fsum(lower), rows.stop, False)
+        total = 0.0
+        for rows, hidden in zip(self.batches, finals, strict=True):
+            for value in self._window_nll(hidden, rows):
+                total += value  # the same numbers in the same order as the unscreened path
+            rest = math.fsum(lower[rows.stop:])
+            if rows.stop < self.num_windows and total + rest > limit:
+                return Score(total + rest, self.num_windows, False)
+        return Score(total, self.num_windows, True)
+
+    def _head_screens(self) -> list[HeadScreen]:
+        """Per batch, the vocabulary subset from the current model's logits (built once per removal set)."""
+        if self._screens is None:
+            final = self.points[self.num_points]
+            screens = []
+            for rows in self.batches:
+                self.counts["head"] += rows.stop - rows.start
+                logits = head_logits(self.model, final[rows])
+                screens.append(HeadScreen.build(logits, self.input_ids[rows], self.screen_topk))
+            self._screens = screens
+        return self._screens
 
     def ppl(self, nll_sum: float) -> float:
         return math.exp(nll_sum / self.scored_tokens) if math.isfinite(nll_sum) else math.inf
@@ -371,10 +447,11 @@ class SearchOptions:
     """How the search runs (none of these changes the schedule, except ``batch_size`` in the last bits)."""
 
     mode: str = "fast"
-    abandon_bound: str = "runner_up"
+    abandon_bound: str = "best"
     batch_size: int = 1
     state_path: Path | None = None
     max_steps: int = 0
+    screen_topk: int = 64
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SearchOptions:
@@ -389,14 +466,23 @@ class SearchOptions:
         path = Path(settings["state_path"]) if settings["state_path"] else None
         if max_steps and path is None:
             raise PrunekitError("max_steps pauses a search to resume later; it needs state_path")
-        return cls(mode, bound, batch_size, path, max_steps)
+        screen_topk = int(settings.get("screen_topk", 0))
+        if screen_topk < 0:
+            raise PrunekitError(f"screen_topk must be >= 0 (0 turns the screened head off), got {screen_topk}")
+        return cls(mode, bound, batch_size, path, max_steps, screen_topk)
 
     @property
     def early_abandon(self) -> str | None:
         return self.abandon_bound if self.mode == "fast" else None
 
+    @property
+    def screen(self) -> int:
+        """The screened head's top-k: only with early abandon (it needs a finite bound)."""
+        return self.screen_topk if self.mode == "fast" else 0
+
     def describe(self) -> dict[str, Any]:
-        return {"search": self.mode, "abandon_bound": self.early_abandon, "batch_size": self.batch_size}
+        return {"search": self.mode, "abandon_bound": self.early_abandon, "batch_size": self.batch_size,
+                "screen_topk": self.screen}
 
 
 def fingerprint(model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, identity: dict[str, Any]) -> str:
@@ -523,7 +609,8 @@ def greedy_search(model: nn.Module, adapter: ArchAdapter, calibration: TokenWind
 def _search_steps(model, adapter, calibration, search, rule, options, state, progress) -> None:
     """Build the stack for the state's removal set, score the dense model if new, then step until done."""
     started = time.perf_counter()
-    stack = BranchStack(model, adapter, calibration, options.batch_size, options.mode != "plain", progress)
+    stack = BranchStack(model, adapter, calibration, options.batch_size, options.mode != "plain", progress,
+                        options.screen)
     units = state.units()
     stack.set_removed(point for unit in units for point in unit.points)
     if state.dense is None:
@@ -605,7 +692,8 @@ def _schedule(search, rule, options, state, chosen, calibration) -> dict[str, An
         "runner_up": column("runner_up"), "margins": column("margin"), "margin_exact": column("margin_exact"),
         "seconds": column("seconds"), "dense_seconds": state.dense["seconds"],
         "branch_executions": column("branch_executions"), "head_executions": column("head_executions"),
-        "cache_executions": column("cache_executions"), "count_unit": COUNT_UNIT,
+        "cache_executions": column("cache_executions"), "screen_executions": column("screen_executions"),
+        "count_unit": COUNT_UNIT,
         "candidates": column("candidates"), "abandoned": column("abandoned"),
         "candidate_ppl": column("scores"),
         "target": rule.describe(), **options.describe(), **search.identity,
