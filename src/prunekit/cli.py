@@ -283,13 +283,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
-    from prunekit.methods import Target, method_info, prune
-    from prunekit.methods.run import _merge_options
+    from prunekit.methods import method_info, prune
+    from prunekit.methods.run import _merge_options, resolve_target
 
     info = method_info(args.method)
     options = _parse_options(args.option)
-    ratio, state_path = _prune_target(args, info, options)
-    Target(ratio, args.ratio_of)  # fail on a bad ratio or option before the model is loaded
+    state_path = _prune_target(args, info, options)
+    resolve_target(info, args.ratio, args.ratio_of, args.blocks, dict(options))  # fail before the model is loaded
     _merge_options(info.name, info.defaults, options)
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
@@ -307,10 +307,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not args.no_eval:
         evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(model, args.eval_seqlen or seqlen),
                                         args.eval_tokens, args.bos)
-    result = prune(model, tokenizer, info.name, ratio, args.ratio_of, calibration, evaluation, args.seed,
-                   not args.no_progress, **options)
-    if args.blocks is not None:
-        result.metrics["target"] = {"blocks": args.blocks}
+    result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
+                   not args.no_progress, blocks=args.blocks, **options)
     result.save(args.out, overwrite=args.overwrite)
     if state_path is not None:
         state_path.unlink(missing_ok=True)  # the checkpoint's schedule artifact now holds the same steps
@@ -323,16 +321,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-# prune() always validates a ratio; with --blocks the depth methods ignore it, and the CLI reports the block count
-# as the target instead.
-_BLOCKS_PLACEHOLDER_RATIO = 0.5
+def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Path | None:
+    """Check --ratio / --blocks / --block-type against the method and move --block-type into ``options``.
 
-
-def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> tuple[float, Path | None]:
-    """Check --ratio / --blocks / --block-type against the method and move the depth settings into ``options``.
-
-    Returns the ratio for prune() and, for resumable searches, the state file kept beside --out while the search
-    runs (rerunning the same command continues from it; it is deleted once the checkpoint is saved).
+    Returns, for resumable searches, the state file kept beside --out while the search runs (rerunning the same
+    command continues from it; it is deleted once the checkpoint is saved).
     """
     depth = "blocks" in info.defaults
     if args.blocks is not None and args.ratio is not None:
@@ -346,14 +339,12 @@ def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> tu
         if "block_type" not in info.defaults:
             raise PrunekitError(f"--block-type applies to blockpruner, not to '{info.name}'")
         options["block_type"] = args.block_type
-    if args.blocks is not None:
-        options["blocks"] = args.blocks
     state_path = None
     if "state_path" in info.defaults and "state_path" not in options:
         out = args.out.absolute()
         state_path = out.with_name(f"{out.name}.{info.name}-state.json")
         options["state_path"] = str(state_path)
-    return (args.ratio if args.ratio is not None else _BLOCKS_PLACEHOLDER_RATIO), state_path
+    return state_path
 
 
 def _cmd_save(args: argparse.Namespace) -> int:

@@ -90,3 +90,27 @@ def test_sleb_ratio_target_materialises_whole_layers(tiny_tokenizer):
     assert schedule["ratio_all"][schedule["selected_blocks"] - 1] < 0.25 <= schedule["ratio_all"][-1]
     with pytest.raises(PrunekitError, match="out of reach"):
         run_method("sleb", peaked_model("llama", layers=5), windows, Target(0.9))
+
+
+def test_prune_takes_a_block_count_for_the_depth_methods(tiny_tokenizer):
+    model = peaked_model("llama", layers=4)
+    windows = sampled_windows(model, count=4)
+    result = prune(model, tiny_tokenizer, "sleb", blocks=2, calibration=windows, progress=False)
+    assert result.metrics["target"] == {"blocks": 2}
+    assert result.plan.settings["blocks"] == 2
+    assert sum(layer.layer_removed for layer in result.plan.layers) == 2
+
+
+@pytest.mark.parametrize(
+    "method,kwargs,pattern",
+    [
+        ("sleb", {"ratio": 0.2, "blocks": 2}, "not both or neither"),
+        ("sleb", {}, "not both or neither"),
+        ("magnitude", {"blocks": 2}, "applies to the depth methods"),
+        ("sleb", {"blocks": 0}, "positive whole number"),
+    ],
+)
+def test_prune_rejects_a_bad_target(tiny_tokenizer, method, kwargs, pattern):
+    model = peaked_model("llama", layers=3)
+    with pytest.raises(PrunekitError, match=pattern):
+        prune(model, tiny_tokenizer, method, calibration=sampled_windows(model, count=2), progress=False, **kwargs)

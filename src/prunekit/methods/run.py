@@ -17,15 +17,17 @@ def prune(
     model: nn.Module,
     tokenizer: Any,
     method: str,
-    ratio: float,
+    ratio: float | None = None,
     ratio_of: str = "all",
     calibration: TokenWindows | None = None,
     evaluation: TokenWindows | None = None,
     seed: int = 0,
     progress: bool = True,
+    blocks: int | None = None,
     **options: Any,
 ) -> PruneResult:
-    """Prune ``model`` in place with ``method`` to ``ratio`` and return the materialised result.
+    """Prune ``model`` in place with ``method`` to ``ratio`` (or, for the depth methods, by ``blocks`` units)
+    and return the materialised result.
 
     ``options`` override the method's hyperparameters (``prunekit methods`` lists them with their defaults).
     With ``evaluation`` windows, perplexity is measured before and after; they must not be calibration text.
@@ -35,12 +37,12 @@ def prune(
     from prunekit.structure.params import measured_ratios
 
     info = method_info(method)
-    target = Target(ratio, ratio_of)
+    target, goal = resolve_target(info, ratio, ratio_of, blocks, options)
     settings = _merge_options(info.name, info.defaults, options)
     if info.needs_calibration and calibration is None:
         raise PrunekitError(f"method '{method}' needs calibration windows (prunekit.data.calibration_windows)")
     adapter = adapter_for(model)
-    metrics: dict[str, Any] = {"target": {"ratio": ratio, "of": ratio_of}}
+    metrics: dict[str, Any] = {"target": goal}
     if evaluation is not None:
         metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
     started = time.perf_counter()
@@ -56,6 +58,22 @@ def prune(
         metrics["perplexity_after"] = perplexity(model, evaluation, progress=progress).to_dict()
     plan.metrics = metrics
     return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=artifacts)
+
+
+def resolve_target(info, ratio: float | None, ratio_of: str, blocks: int | None,
+                   options: dict[str, Any]) -> tuple[Target | None, dict[str, Any]]:
+    """The method's target from ``ratio`` or ``blocks`` (exactly one); ``blocks`` goes into ``options``."""
+    if (ratio is None) == (blocks is None):
+        raise PrunekitError("give either a ratio or a number of blocks (--ratio or --blocks), not both or neither")
+    if blocks is None:
+        return Target(ratio, ratio_of), {"ratio": ratio, "of": ratio_of}
+    if "blocks" not in info.defaults:
+        raise PrunekitError(f"--blocks applies to the depth methods (blockpruner, shortgpt, sleb), not to "
+                            f"'{info.name}'; use --ratio")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise PrunekitError(f"--blocks must be a positive whole number, got {blocks!r}")
+    options["blocks"] = blocks
+    return None, {"blocks": blocks}
 
 
 def _merge_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
