@@ -1,0 +1,156 @@
+"""Depth pruning on SmolLM2-135M: held-out perplexity of BlockPruner, ShortGPT and SLEB at matched ratios.
+
+For each calibration size (default 4,096 and 32,768 tokens: sequential 512-token windows from the start of the
+calibration split of ``--calib``, i.e. one contiguous stretch of text, as in the golden case):
+
+- BlockPruner searches 16 steps once (the schedule is nested, so K = 4, 8, 12, 16 are its prefixes);
+- ShortGPT and SLEB remove the number of whole layers whose parameter share is closest to BlockPruner's at each K
+  (SLEB's schedule is nested too, so it searches once, to the largest count);
+- every pruned model is materialised and scored on the evaluation splits of ``--eval`` (text disjoint from the
+  calibration), next to its calibration perplexity.
+
+The searches keep their state in ``benchmarks/results/depth_heldout/`` and the evaluations are cached in the
+results file, so the benchmark can be run in pieces (``--max-new-steps``) across sessions and picks up where it
+stopped. Writes ``benchmarks/results/depth_heldout.{json,md}`` with the machine and date of every invocation.
+
+    .venv/bin/python benchmarks/depth_heldout.py --sizes 4096                  # one size
+    .venv/bin/python benchmarks/depth_heldout.py --max-new-steps 3             # at most 3 search steps per search
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import prunekit
+from prunekit.data import calibration_windows, evaluation_windows
+from prunekit.errors import PrunekitError
+from prunekit.evaluation.speed import machine_info
+from prunekit.methods import method_info
+from prunekit.methods.depth_search import LAYER, Unit, plan_from_units, removal_ratios
+from prunekit.methods.shortgpt import layer_influence
+from prunekit.models.adapters import adapter_for
+from prunekit.report import format_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STATES = RESULTS / "depth_heldout"
+BLOCK_COUNTS = (4, 8, 12, 16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4096,32768", help="calibration tokens, comma-separated")
+    parser.add_argument("--calib", default="pydocs")
+    parser.add_argument("--eval", default="pydocs,kjv", help="held-out evaluation corpora, comma-separated")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--max-new-steps", type=int, default=0, help="pause each search after this many steps")
+    args = parser.parse_args()
+
+    out = RESULTS / "depth_heldout.json"
+    report = json.loads(out.read_text()) if out.exists() else {"sessions": [], "runs": {}}
+    report["sessions"].append(machine_info())
+    dense, tokenizer = prunekit.load_model("smollm2-135m")
+    adapter = adapter_for(dense)
+    evaluation = {name: evaluation_windows(tokenizer, name, 512, args.eval_tokens) for name in args.eval.split(",")}
+    report["evaluation"] = {name: windows.describe() for name, windows in evaluation.items()}
+    report.setdefault("runs", {})["dense"] = report["runs"].get("dense") or _evaluate(dense, evaluation)
+    for size in [int(value) for value in args.sizes.split(",")]:
+        windows = calibration_windows(tokenizer, args.calib, size, 512, "sequential")
+        models = _plans(dense, adapter, windows, size, args.max_new_steps)
+        for key, (plan, calibration_ppl, ratio) in models.items():
+            if key not in report["runs"]:
+                pruned = prunekit.apply_plan(copy.deepcopy(dense), plan)
+                report["runs"][key] = {**_evaluate(pruned, evaluation), "calibration_ppl": calibration_ppl,
+                                       "ratio_all": ratio, "calibration_tokens": size}
+                print(key, json.dumps(report["runs"][key]), flush=True)
+                _write(out, report)
+    _write(out, report)
+    print(_markdown(report))
+
+
+def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
+    """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search at this size."""
+    plans = {}
+    blockpruner = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps)
+    if blockpruner is None:
+        return plans
+    units = [Unit(kind, layer) for kind, layer in blockpruner["order"]]
+    layer_counts = {}
+    for count in BLOCK_COUNTS:
+        ratio = blockpruner["ratio_all"][count]
+        plans[f"blockpruner-{size}-K{count}"] = (plan_from_units(adapter, units[:count]),
+                                                 blockpruner["calibration_ppl"][count], ratio)
+        layer_counts[count] = _closest_layer_count(adapter, ratio)
+    scores = layer_influence(dense, adapter, windows, progress=False)
+    order = sorted(range(adapter.num_layers), key=lambda layer: (scores[layer], layer))
+    for count, layers in layer_counts.items():
+        removed = [Unit(LAYER, layer) for layer in order[:layers]]
+        plans[f"shortgpt-{size}-K{count}"] = (plan_from_units(adapter, removed), None,
+                                              removal_ratios(adapter, removed)[0])
+    sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), max_new_steps)
+    if sleb is not None:
+        sleb_units = [Unit(kind, layer) for kind, layer in sleb["order"]]
+        for count, layers in layer_counts.items():
+            plans[f"sleb-{size}-K{count}"] = (plan_from_units(adapter, sleb_units[:layers]),
+                                              sleb["calibration_ppl"][layers], sleb["ratio_all"][layers])
+    return plans
+
+
+def _search(method: str, dense, adapter, windows, size: int, blocks: int, max_new_steps: int) -> dict | None:
+    """The method's nested schedule with ``blocks`` steps, or None while the (resumable) search is paused."""
+    info = method_info(method)
+    settings = {**info.defaults, "blocks": blocks, "state_path": str(STATES / f"{method}-{size}-state.json"),
+                "max_steps": max_new_steps}
+    try:
+        _, artifacts = info.function(dense, adapter, None, windows, progress=True, **settings)
+    except PrunekitError as error:
+        print(f"{method} at {size} tokens: {error}")
+        return None
+    return artifacts[f"{method}_schedule.json"]
+
+
+def _closest_layer_count(adapter, ratio: float) -> int:
+    """The number of whole layers whose removal share is closest to ``ratio`` (ties: fewer layers)."""
+    shares = [removal_ratios(adapter, [Unit(LAYER, layer) for layer in range(count)])[0]
+              for count in range(adapter.num_layers)]
+    return min(range(1, adapter.num_layers), key=lambda count: (abs(shares[count] - ratio), count))
+
+
+def _evaluate(model, evaluation: dict) -> dict:
+    return {"ppl": {name: prunekit.perplexity(model, windows, progress=False).perplexity
+                    for name, windows in evaluation.items()}}
+
+
+def _write(out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    runs = report["runs"]
+    corpora = list(runs["dense"]["ppl"])
+    headers = ["method", "calib tokens", "K", "ratio_all", "calib ppl", *[f"{name} ppl" for name in corpora]]
+    rows = [["dense", "", "", "0.00%", "", *[f"{runs['dense']['ppl'][name]:.2f}" for name in corpora]]]
+    for key in sorted((key for key in runs if key != "dense"),
+                      key=lambda k: (int(k.split("-")[1]), int(k.split("K")[-1]), k.split("-")[0])):
+        run = runs[key]
+        method, size, count = key.split("-")
+        calib = "" if run["calibration_ppl"] is None else f"{run['calibration_ppl']:.2f}"
+        rows.append([method, size, count[1:], f"{run['ratio_all']:.2%}", calib,
+                     *[f"{run['ppl'][name]:.2f}" for name in corpora]])
+    sessions = "\n".join(f"- {s.get('date')}: {s.get('cpu_model')} ({s.get('cpu_count')} cores), torch "
+                         f"{s.get('torch')}, load {s.get('load_average')}" for s in report["sessions"])
+    return "\n".join([
+        "# Depth pruning on SmolLM2-135M: held-out perplexity", "",
+        "K = BlockPruner sub-blocks removed; ShortGPT and SLEB remove the number of whole layers with the closest "
+        "parameter share. Calibration: sequential 512-token windows from the start of the calibration split. "
+        f"Evaluation: {report.get('evaluation')}.", "",
+        "```", format_table(headers, rows), "```", "", "Invocations:", "", sessions, "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
