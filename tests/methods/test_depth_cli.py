@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -97,3 +101,40 @@ def test_bad_depth_flags_exit_2_with_one_line(capsys, tmp_path, model_dir, extra
     code, _, err = _prune(capsys, model_dir, tmp_path / "never", *extra)
     assert code == 2 and pattern in _error_line(err), err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_killed_search_resumes_from_its_last_step_with_the_same_schedule(tmp_path, tiny_tokenizer):
+    """SIGKILL mid-search (no cleanup runs), then the same command again: it continues and matches a fresh run."""
+    model_dir = tmp_path / "tiny-llama-8"
+    peaked_model("llama", layers=8).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+
+    def command(out):
+        return [sys.executable, "-m", "prunekit.cli", "prune", "--model", str(model_dir), "--method", "blockpruner",
+                "--blocks", "6", "--calib", "sample", "--calib-tokens", "2048", "--seqlen", "32", "--no-eval",
+                "--no-progress", "--option", "batch_size=16", "--out", str(out)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny ops: threads only add contention with this process
+
+    out = tmp_path / "killed"
+    state = tmp_path / "killed.blockpruner-state.json"
+    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (state.exists() and json.loads(state.read_text())["steps"]):
+            assert process.poll() is None, "the search ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    done = len(json.loads(state.read_text())["steps"])
+    assert 1 <= done < 6 and not out.exists()  # nothing half-written at --out
+    assert subprocess.run(command(out), capture_output=True, timeout=240, env=env).returncode == 0
+    resumed = json.loads((out / "blockpruner_schedule.json").read_text())
+    assert resumed["resumed_at_steps"] == [done]
+    fresh = tmp_path / "fresh"
+    assert subprocess.run(command(fresh), capture_output=True, timeout=240, env=env).returncode == 0
+    expected = json.loads((fresh / "blockpruner_schedule.json").read_text())
+    assert resumed["order"] == expected["order"]
+    assert resumed["calibration_nll_sum"] == expected["calibration_nll_sum"]
