@@ -90,8 +90,10 @@ def summary(mode: str) -> dict | None:
         "order_matches": all(row["unit"] == row["golden_unit"] for row in rows),
         "max_relative_difference": max([abs(dense["ppl"] / GOLDEN[0][1] - 1)] +
                                        [abs(row["relative_difference"]) for row in rows]),
-        "near_ties": [row["step"] for row in rows if row["margin_to_runner_up"] is not None
+        # A margin marked inexact is a lower bound (the runner-up was abandoned early): not evidence of a near tie.
+        "near_ties": [row["step"] for row in rows if row["margin_to_runner_up"] is not None and row["margin_exact"]
                       and row["margin_to_runner_up"] / row["ppl"] < TOLERANCE],
+        "margin_lower_bounds": [row["step"] for row in rows if not row["margin_exact"]],
         "search_seconds": round(dense["seconds"] + sum(row["seconds"] for row in rows), 1),
         "branch_executions": sum(row["branch_executions"] for row in rows),
         "head_executions": sum(row["head_executions"] for row in rows),
@@ -127,7 +129,9 @@ def _markdown(body: dict) -> str:
                   f"{data['search_seconds']:.0f} s", "",
                   f"Branch runs {data['branch_executions']:,}, full head runs {data['head_executions']:,}, screened "
                   f"head runs {data['screen_executions']:,} (per 512-token window). Steps whose winner leads the "
-                  f"runner-up by less than {body['tolerance']:.0e} relative: {data['near_ties'] or 'none'}.", "",
+                  f"runner-up by less than {body['tolerance']:.0e} relative (exact margins): "
+                  f"{data['near_ties'] or 'none'}; steps whose margin is only a lower bound ('>='): "
+                  f"{data['margin_lower_bounds'] or 'none'}.", "",
                   "```", format_table(["step", "removed", "golden", "ppl", "golden ppl", "rel diff",
                                        "margin", "seconds"], rows), "```", ""]
     if len(modes) == 2 and all(data["steps_done"] for data in modes.values()):
