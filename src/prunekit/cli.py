@@ -284,12 +284,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
     from prunekit.methods import method_info, prune
-    from prunekit.methods.run import _merge_options, resolve_target
+    from prunekit.methods.run import _merge_options
 
     info = method_info(args.method)
     options = _parse_options(args.option)
     state_path = _prune_target(args, info, options)
-    resolve_target(info, args.ratio, args.ratio_of, args.blocks, dict(options))  # fail before the model is loaded
     _merge_options(info.name, info.defaults, options)
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
@@ -322,19 +321,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Path | None:
-    """Check --ratio / --blocks / --block-type against the method and move --block-type into ``options``.
+    """Check --ratio / --blocks (``resolve_target``) and --block-type against the method; move --block-type
+    into ``options``.
 
     Returns, for resumable searches, the state file kept beside --out while the search runs (rerunning the same
     command continues from it; it is deleted once the checkpoint is saved).
     """
-    depth = "blocks" in info.defaults
-    if args.blocks is not None and args.ratio is not None:
-        raise PrunekitError("give either --ratio or --blocks, not both")
-    if args.blocks is not None and not depth:
-        raise PrunekitError(f"--blocks applies to the depth methods (blockpruner, shortgpt, sleb), not to "
-                            f"'{info.name}'; use --ratio")
-    if args.ratio is None and args.blocks is None:
-        raise PrunekitError("the following arguments are required: --ratio" + (" (or --blocks)" if depth else ""))
+    from prunekit.methods.run import resolve_target
+
+    resolve_target(info, args.ratio, args.ratio_of, args.blocks, dict(options))  # fails before the model loads
     if args.block_type is not None:
         if "block_type" not in info.defaults:
             raise PrunekitError(f"--block-type applies to blockpruner, not to '{info.name}'")

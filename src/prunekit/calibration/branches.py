@@ -52,42 +52,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _branch_norms(norms: Mapping[str, nn.Module], branch: str) -> tuple[nn.Module, nn.Module | None]:
-    modules = list(norms.values())
-    if not 1 <= len(modules) <= 2:
-        raise PrunekitError(f"the {branch} branch has {len(modules)} norms; expected a pre-norm and at most one post-norm")
-    return modules[0], modules[1] if len(modules) == 2 else None
-
-
-def attention_branch(
-    adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor, context: LayerContext
-) -> torch.Tensor:
-    """``hidden`` plus the attention branch of ``layer``: the residual stream entering the MLP branch.
-
-    Returns ``hidden`` itself when the attention block was removed.
-    """
-    attention = adapter.attention(layer)
-    if is_removed(attention):
-        return hidden
-    pre, post = _branch_norms(adapter.attention_norm_modules(layer), "attention")
-    output, _ = attention(hidden_states=pre(hidden), **context.kwargs)
-    if post is not None:
-        output = post(output)
-    return hidden + output
-
-
-def mlp_branch(adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``hidden`` plus the MLP branch of ``layer``: the layer's output. Returns ``hidden`` if the MLP was removed."""
-    mlp = adapter.mlp(layer)
-    if is_removed(mlp):
-        return hidden
-    pre, post = _branch_norms(adapter.mlp_norm_modules(layer), "MLP")
-    output = mlp(pre(hidden))
-    if post is not None:
-        output = post(output)
-    return hidden + output
-
-
 BRANCHES = ("attention", "mlp")
 OUTPUT_LINEARS = {"attention": "o_proj", "mlp": "down_proj"}
 
@@ -113,8 +77,44 @@ def output_linear(adapter: ArchAdapter, layer: nn.Module, branch: str) -> nn.Lin
 
 def branch_norms(adapter: ArchAdapter, layer: nn.Module, branch: str) -> tuple[nn.Module, nn.Module | None]:
     """The pre-norm and the optional post-norm (Gemma3) of a branch."""
-    norms = adapter.attention_norm_modules(layer) if check_branch(branch) == "attention" else adapter.mlp_norm_modules(layer)
-    return _branch_norms(norms, branch)
+    attention = check_branch(branch) == "attention"
+    norms = adapter.attention_norm_modules(layer) if attention else adapter.mlp_norm_modules(layer)
+    modules = list(norms.values())
+    if not 1 <= len(modules) <= 2:
+        label = "attention" if attention else "MLP"
+        raise PrunekitError(f"the {label} branch has {len(modules)} norms; expected a pre-norm and at most one post-norm")
+    return modules[0], modules[1] if len(modules) == 2 else None
+
+
+def _add_output(hidden: torch.Tensor, output: torch.Tensor, post: nn.Module | None) -> torch.Tensor:
+    """The residual stream after a branch: ``hidden`` plus its (post-normed) output."""
+    if post is not None:
+        output = post(output)
+    return hidden + output
+
+
+def attention_branch(
+    adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor, context: LayerContext
+) -> torch.Tensor:
+    """``hidden`` plus the attention branch of ``layer``: the residual stream entering the MLP branch.
+
+    Returns ``hidden`` itself when the attention block was removed.
+    """
+    attention = adapter.attention(layer)
+    if is_removed(attention):
+        return hidden
+    pre, post = branch_norms(adapter, layer, "attention")
+    output, _ = attention(hidden_states=pre(hidden), **context.kwargs)
+    return _add_output(hidden, output, post)
+
+
+def mlp_branch(adapter: ArchAdapter, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` plus the MLP branch of ``layer``: the layer's output. Returns ``hidden`` if the MLP was removed."""
+    mlp = adapter.mlp(layer)
+    if is_removed(mlp):
+        return hidden
+    pre, post = branch_norms(adapter, layer, "mlp")
+    return _add_output(hidden, mlp(pre(hidden)), post)
 
 
 def run_branch(
@@ -131,10 +131,7 @@ def replay_branch(
 ) -> torch.Tensor:
     """``hidden`` plus the branch output recomputed from ``features``, the inputs its output linear saw."""
     _, post = branch_norms(adapter, layer, branch)
-    output = output_linear(adapter, layer, branch)(features)
-    if post is not None:
-        output = post(output)
-    return hidden + output
+    return _add_output(hidden, output_linear(adapter, layer, branch)(features), post)
 
 
 def layer_forward(
@@ -149,11 +146,13 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
     Mirrors the tail of ``*ForCausalLM.forward`` so a layer-by-layer run can be scored without a full forward.
     """
-    logits = model.get_output_embeddings()(model.model.norm(hidden))
+    return _softcap(model, model.get_output_embeddings()(model.model.norm(hidden)))
+
+
+def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma's final logit soft-capping where the config asks for it (monotone, so subset bounds still hold)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def subset_logits(model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
@@ -164,8 +163,4 @@ def subset_logits(model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tens
     """
     head = model.get_output_embeddings()
     bias = head.bias[vocabulary] if getattr(head, "bias", None) is not None else None
-    logits = torch.nn.functional.linear(model.model.norm(hidden), head.weight[vocabulary], bias)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap  # monotone: the subset bound still holds
-    return logits
+    return _softcap(model, torch.nn.functional.linear(model.model.norm(hidden), head.weight[vocabulary], bias))

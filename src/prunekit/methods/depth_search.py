@@ -466,7 +466,7 @@ class SearchOptions:
         path = Path(settings["state_path"]) if settings["state_path"] else None
         if max_steps and path is None:
             raise PrunekitError("max_steps pauses a search to resume later; it needs state_path")
-        screen_topk = int(settings.get("screen_topk", 0))
+        screen_topk = int(settings["screen_topk"])
         if screen_topk < 0:
             raise PrunekitError(f"screen_topk must be >= 0 (0 turns the screened head off), got {screen_topk}")
         return cls(mode, bound, batch_size, path, max_steps, screen_topk)

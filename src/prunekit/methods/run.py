@@ -62,12 +62,19 @@ def prune(
 
 def resolve_target(info, ratio: float | None, ratio_of: str, blocks: int | None,
                    options: dict[str, Any]) -> tuple[Target | None, dict[str, Any]]:
-    """The method's target from ``ratio`` or ``blocks`` (exactly one); ``blocks`` goes into ``options``."""
-    if (ratio is None) == (blocks is None):
-        raise PrunekitError("give either a ratio or a number of blocks (--ratio or --blocks), not both or neither")
+    """The method's target from ``ratio`` or ``blocks`` (exactly one); ``blocks`` goes into ``options``.
+
+    The CLI checks its flags with this too (before loading the model), so the messages name the flags.
+    """
+    depth = "blocks" in info.defaults
+    if ratio is not None and blocks is not None:
+        raise PrunekitError("give either --ratio or --blocks, not both or neither")
+    if ratio is None and blocks is None:
+        raise PrunekitError("the following arguments are required: --ratio"
+                            + (" (or --blocks); give one, not both or neither" if depth else ""))
     if blocks is None:
         return Target(ratio, ratio_of), {"ratio": ratio, "of": ratio_of}
-    if "blocks" not in info.defaults:
+    if not depth:
         raise PrunekitError(f"--blocks applies to the depth methods (blockpruner, shortgpt, sleb), not to "
                             f"'{info.name}'; use --ratio")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
