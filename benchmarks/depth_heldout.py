@@ -7,7 +7,8 @@ calibration split of ``--calib``, i.e. one contiguous stretch of text, as in the
 - ShortGPT and SLEB remove the number of whole layers whose parameter share is closest to BlockPruner's at each K
   (SLEB's schedule is nested too, so it searches once, to the largest count);
 - every pruned model is materialised and scored on the evaluation splits of ``--eval`` (text disjoint from the
-  calibration), next to its calibration perplexity.
+  calibration) and on the calibration windows themselves (so ShortGPT, which never scores perplexity while it
+  searches, gets a calibration perplexity too; the searches' own figure is kept as ``search_calibration_ppl``).
 
 The searches keep their state in ``benchmarks/results/depth_heldout/`` and the evaluations are cached in the
 results file, so the benchmark can be run in pieces (``--max-new-steps``) across sessions and picks up where it
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--eval", default="pydocs,kjv", help="held-out evaluation corpora, comma-separated")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--max-new-steps", type=int, default=0, help="pause each search after this many steps")
+    parser.add_argument("--random-windows", action="store_true",
+                        help="also search BlockPruner on seeded random windows from the whole calibration split "
+                             "(same token count and cost; the diverse-calibration remedy)")
     args = parser.parse_args()
 
     out = RESULTS / "depth_heldout.json"
@@ -58,31 +62,47 @@ def main() -> None:
     report.setdefault("runs", {})["dense"] = report["runs"].get("dense") or _evaluate(dense, evaluation)
     for size in [int(value) for value in args.sizes.split(",")]:
         windows = calibration_windows(tokenizer, args.calib, size, 512, "sequential")
-        models = _plans(dense, adapter, windows, size, args.max_new_steps)
-        for key, (plan, calibration_ppl, ratio) in models.items():
+        models = {key: (*value, windows) for key, value in
+                  _plans(dense, adapter, windows, size, args.max_new_steps).items()}
+        if args.random_windows:
+            diverse = calibration_windows(tokenizer, args.calib, size, 512, "random", seed=0)
+            models.update({key: (*value, diverse) for key, value in
+                           _blockpruner_plans(dense, adapter, diverse, size, args.max_new_steps, "random").items()})
+        dense_calibration = report.setdefault("dense_calibration_ppl", {})
+        if str(size) not in dense_calibration:
+            dense_calibration[str(size)] = prunekit.perplexity(dense, windows, progress=False).perplexity
+        for key, (plan, calibration_ppl, ratio, scored_on) in models.items():
             if key not in report["runs"]:
                 pruned = prunekit.apply_plan(copy.deepcopy(dense), plan)
-                report["runs"][key] = {**_evaluate(pruned, evaluation), "calibration_ppl": calibration_ppl,
-                                       "ratio_all": ratio, "calibration_tokens": size}
+                measured = prunekit.perplexity(pruned, scored_on, progress=False).perplexity
+                report["runs"][key] = {**_evaluate(pruned, evaluation), "calibration_ppl": measured,
+                                       "search_calibration_ppl": calibration_ppl, "ratio_all": ratio,
+                                       "calibration_tokens": size}
                 print(key, json.dumps(report["runs"][key]), flush=True)
                 _write(out, report)
     _write(out, report)
     print(_markdown(report))
 
 
+def _blockpruner_plans(dense, adapter, windows, size: int, max_new_steps: int, variant: str = "") -> dict:
+    """{run key: (plan, search calibration ppl, ratio_all)} at K = BLOCK_COUNTS, once the search has finished."""
+    name = f"blockpruner_{variant}" if variant else "blockpruner"
+    state = f"{name}-{size}" if variant else None
+    schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps, state)
+    if schedule is None:
+        return {}
+    units = [Unit(kind, layer) for kind, layer in schedule["order"]]
+    return {f"{name}-{size}-K{count}": (plan_from_units(adapter, units[:count]), schedule["calibration_ppl"][count],
+                                        schedule["ratio_all"][count]) for count in BLOCK_COUNTS}
+
+
 def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
     """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search at this size."""
-    plans = {}
-    blockpruner = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps)
-    if blockpruner is None:
+    plans = _blockpruner_plans(dense, adapter, windows, size, max_new_steps)
+    if not plans:
         return plans
-    units = [Unit(kind, layer) for kind, layer in blockpruner["order"]]
-    layer_counts = {}
-    for count in BLOCK_COUNTS:
-        ratio = blockpruner["ratio_all"][count]
-        plans[f"blockpruner-{size}-K{count}"] = (plan_from_units(adapter, units[:count]),
-                                                 blockpruner["calibration_ppl"][count], ratio)
-        layer_counts[count] = _closest_layer_count(adapter, ratio)
+    layer_counts = {count: _closest_layer_count(adapter, plans[f"blockpruner-{size}-K{count}"][2])
+                    for count in BLOCK_COUNTS}
     scores = layer_influence(dense, adapter, windows, progress=False)
     order = sorted(range(adapter.num_layers), key=lambda layer: (scores[layer], layer))
     for count, layers in layer_counts.items():
@@ -98,10 +118,12 @@ def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
     return plans
 
 
-def _search(method: str, dense, adapter, windows, size: int, blocks: int, max_new_steps: int) -> dict | None:
+def _search(method: str, dense, adapter, windows, size: int, blocks: int, max_new_steps: int,
+            state: str | None = None) -> dict | None:
     """The method's nested schedule with ``blocks`` steps, or None while the (resumable) search is paused."""
     info = method_info(method)
-    settings = {**info.defaults, "blocks": blocks, "state_path": str(STATES / f"{method}-{size}-state.json"),
+    state = state or f"{method}-{size}"
+    settings = {**info.defaults, "blocks": blocks, "state_path": str(STATES / f"{state}-state.json"),
                 "max_steps": max_new_steps}
     try:
         _, artifacts = info.function(dense, adapter, None, windows, progress=True, **settings)
@@ -134,11 +156,13 @@ def _markdown(report: dict) -> str:
     corpora = list(runs["dense"]["ppl"])
     headers = ["method", "calib tokens", "K", "ratio_all", "calib ppl", *[f"{name} ppl" for name in corpora]]
     rows = [["dense", "", "", "0.00%", "", *[f"{runs['dense']['ppl'][name]:.2f}" for name in corpora]]]
+    rows += [["dense", size, "", "0.00%", f"{ppl:.2f}", *[""] * len(corpora)]
+             for size, ppl in report.get("dense_calibration_ppl", {}).items()]
     for key in sorted((key for key in runs if key != "dense"),
                       key=lambda k: (int(k.split("-")[1]), int(k.split("K")[-1]), k.split("-")[0])):
         run = runs[key]
         method, size, count = key.split("-")
-        calib = "" if run["calibration_ppl"] is None else f"{run['calibration_ppl']:.2f}"
+        calib = f"{run['calibration_ppl']:.2f}"
         rows.append([method, size, count[1:], f"{run['ratio_all']:.2%}", calib,
                      *[f"{run['ppl'][name]:.2f}" for name in corpora]])
     sessions = "\n".join(f"- {s.get('date')}: {s.get('cpu_model')} ({s.get('cpu_count')} cores), torch "
