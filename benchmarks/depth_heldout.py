@@ -87,8 +87,8 @@ def main() -> None:
 def _blockpruner_plans(dense, adapter, windows, size: int, max_new_steps: int, variant: str = "") -> dict:
     """{run key: (plan, search calibration ppl, ratio_all)} at K = BLOCK_COUNTS, once the search has finished."""
     name = f"blockpruner_{variant}" if variant else "blockpruner"
-    state = f"{name}-{size}" if variant else None
-    schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps, state)
+    schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps,
+                       f"{name}-{size}")
     if schedule is None:
         return {}
     units = [Unit(kind, layer) for kind, layer in schedule["order"]]
