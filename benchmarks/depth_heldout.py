@@ -16,6 +16,7 @@ stopped. Writes ``benchmarks/results/depth_heldout.{json,md}`` with the machine 
 
     .venv/bin/python benchmarks/depth_heldout.py --sizes 4096                  # one size
     .venv/bin/python benchmarks/depth_heldout.py --max-new-steps 3             # at most 3 search steps per search
+    .venv/bin/python benchmarks/depth_heldout.py --sizes 32768 --carry-mb 6144 # more memory for carried streams
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ def main() -> None:
     parser.add_argument("--eval", default="pydocs,kjv", help="held-out evaluation corpora, comma-separated")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--max-new-steps", type=int, default=0, help="pause each search after this many steps")
+    parser.add_argument("--carry-mb", type=int, default=None,
+                        help="memory cap of the fast search's carried streams (default: the method's)")
     parser.add_argument("--random-windows", action="store_true",
                         help="also search BlockPruner on seeded random windows from the whole calibration split "
                              "(same token count and cost; the diverse-calibration remedy)")
     args = parser.parse_args()
+    search = {"max_steps": args.max_new_steps}  # neither changes a schedule, so neither is part of the state
+    if args.carry_mb is not None:
+        search["carry_mb"] = args.carry_mb
 
     out = RESULTS / "depth_heldout.json"
     report = json.loads(out.read_text()) if out.exists() else {"sessions": [], "runs": {}}
@@ -63,11 +69,11 @@ def main() -> None:
     for size in [int(value) for value in args.sizes.split(",")]:
         windows = calibration_windows(tokenizer, args.calib, size, 512, "sequential")
         models = {key: (*value, windows) for key, value in
-                  _plans(dense, adapter, windows, size, args.max_new_steps).items()}
+                  _plans(dense, adapter, windows, size, search).items()}
         if args.random_windows:
             diverse = calibration_windows(tokenizer, args.calib, size, 512, "random", seed=0)
             models.update({key: (*value, diverse) for key, value in
-                           _blockpruner_plans(dense, adapter, diverse, size, args.max_new_steps, "random").items()})
+                           _blockpruner_plans(dense, adapter, diverse, size, search, "random").items()})
         dense_calibration = report.setdefault("dense_calibration_ppl", {})
         if str(size) not in dense_calibration:
             dense_calibration[str(size)] = prunekit.perplexity(dense, windows, progress=False).perplexity
@@ -84,11 +90,10 @@ def main() -> None:
     print(_markdown(report))
 
 
-def _blockpruner_plans(dense, adapter, windows, size: int, max_new_steps: int, variant: str = "") -> dict:
+def _blockpruner_plans(dense, adapter, windows, size: int, search: dict, variant: str = "") -> dict:
     """{run key: (plan, search calibration ppl, ratio_all)} at K = BLOCK_COUNTS, once the search has finished."""
     name = f"blockpruner_{variant}" if variant else "blockpruner"
-    schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), max_new_steps,
-                       f"{name}-{size}")
+    schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), search, f"{name}-{size}")
     if schedule is None:
         return {}
     units = [Unit(kind, layer) for kind, layer in schedule["order"]]
@@ -96,9 +101,9 @@ def _blockpruner_plans(dense, adapter, windows, size: int, max_new_steps: int, v
                                         schedule["ratio_all"][count]) for count in BLOCK_COUNTS}
 
 
-def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
+def _plans(dense, adapter, windows, size: int, search: dict) -> dict:
     """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search at this size."""
-    plans = _blockpruner_plans(dense, adapter, windows, size, max_new_steps)
+    plans = _blockpruner_plans(dense, adapter, windows, size, search)
     if not plans:
         return plans
     layer_counts = {count: _closest_layer_count(adapter, plans[f"blockpruner-{size}-K{count}"][2])
@@ -109,7 +114,7 @@ def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
         removed = [Unit(LAYER, layer) for layer in order[:layers]]
         plans[f"shortgpt-{size}-K{count}"] = (plan_from_units(adapter, removed), None,
                                               removal_ratios(adapter, removed)[0])
-    sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), max_new_steps)
+    sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), search)
     if sleb is not None:
         sleb_units = [Unit(kind, layer) for kind, layer in sleb["order"]]
         for count, layers in layer_counts.items():
@@ -118,13 +123,12 @@ def _plans(dense, adapter, windows, size: int, max_new_steps: int) -> dict:
     return plans
 
 
-def _search(method: str, dense, adapter, windows, size: int, blocks: int, max_new_steps: int,
+def _search(method: str, dense, adapter, windows, size: int, blocks: int, search: dict,
             state: str | None = None) -> dict | None:
     """The method's nested schedule with ``blocks`` steps, or None while the (resumable) search is paused."""
     info = method_info(method)
     state = state or f"{method}-{size}"
-    settings = {**info.defaults, "blocks": blocks, "state_path": str(STATES / f"{state}-state.json"),
-                "max_steps": max_new_steps}
+    settings = {**info.defaults, **search, "blocks": blocks, "state_path": str(STATES / f"{state}-state.json")}
     try:
         _, artifacts = info.function(dense, adapter, None, windows, progress=True, **settings)
     except PrunekitError as error:

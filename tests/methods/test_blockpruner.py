@@ -95,6 +95,63 @@ def test_screened_head_keeps_the_schedule_and_saves_head_runs(family):
     assert screened["screen_topk"] == 8 and plain["screen_topk"] == 0
 
 
+@pytest.mark.parametrize(("method", "family", "layers", "blocks"),
+                         [("blockpruner", "llama", 4, 5), ("blockpruner", "gemma3_text", 4, 5), ("sleb", "qwen2", 8, 4)])
+def test_carried_streams_change_no_score_and_save_branch_runs(method, family, layers, blocks):
+    model = peaked_model(family, layers=layers)
+    windows = sampled_windows(model, count=12)
+    carried = schedule_of(method, model, windows, blocks=blocks)
+    uncarried = schedule_of(method, model, windows, blocks=blocks, carry_mb=0)
+    assert carried["order"] == uncarried["order"]
+    # bit-identical, and the same candidates abandoned after the same windows
+    assert carried["calibration_nll_sum"] == uncarried["calibration_nll_sum"]
+    assert carried["candidate_ppl"] == uncarried["candidate_ppl"]
+    assert sum(carried["carried_windows"]) > 0 and sum(uncarried["carried_windows"]) == 0
+    assert sum(carried["branch_executions"]) < sum(uncarried["branch_executions"])
+    assert carried["carry_mb"] == 2048 and uncarried["carry_mb"] == 0
+
+
+def _scored_stack(model, windows, carry_bytes: int) -> BranchStack:
+    """A stack after one ranked step over every sub-block (carrying on), with the winner not yet removed."""
+    stack = BranchStack(model, adapter_for(model), windows, batch_size=2, cache=True, progress=False, carry_mb=1)
+    stack.carry_bytes = carry_bytes  # tiny streams: a cap below 1 MiB makes the cap bite
+    stack.set_removed([])
+    return stack
+
+
+def test_carried_streams_equal_the_prefix_cache_of_the_model_they_stand_for():
+    model = peaked_model("llama", layers=4)
+    windows = sampled_windows(model, count=6)
+    with torch.no_grad():
+        stack = _scored_stack(model, windows, 2**20)
+        units = [Unit(kind, layer) for layer in range(4) for kind in (ATTN, MLP)]
+        late = [Unit(ATTN, 3), Unit(MLP, 2)]
+        run_step(stack, late + [u for u in units if u not in late], "best")
+        removed = Unit(ATTN, 3).points  # any removal works: what stays carried is what it leaves unchanged
+        stack.set_removed(removed)
+        assert stack._carried, "no stream was carried over"
+        for unit, batches in stack._carried.items():
+            reference = BranchStack(model, adapter_for(model), windows, batch_size=2, cache=True, progress=False)
+            reference.set_removed({*removed, *unit.points})
+            for index, (point, stream) in batches.items():
+                assert unit.points[0] < point <= removed[0]
+                assert torch.equal(stream, reference.points[point][stack.batches[index]])
+        stack.set_removed([])  # a removal undone: nothing carried is valid any more
+        assert not stack._carried and stack._kept_bytes == 0
+
+
+def test_carried_streams_respect_their_memory_cap():
+    model = peaked_model("llama", layers=4)
+    windows = sampled_windows(model, count=6)
+    with torch.no_grad():
+        one_stream = 2 * windows.seqlen * model.config.hidden_size * 4  # a batch of 2 windows, fp32
+        stack = _scored_stack(model, windows, 3 * one_stream)
+        units = [Unit(kind, layer) for layer in range(4) for kind in (ATTN, MLP)]
+        run_step(stack, units, "best")
+        kept = sum(len(streams) for batches in stack._captured.values() for streams in batches.values())
+        assert kept == 3 and stack._kept_bytes == 3 * one_stream
+
+
 @pytest.mark.parametrize("topk", [1, 4, 64])
 def test_screen_lower_bounds_never_exceed_the_exact_window_nll(topk):
     model = peaked_model("qwen2", layers=3)

@@ -36,6 +36,16 @@ best score:
    scored exactly, dropping it as soon as exact sums so far plus the bounds of the rest exceed the search bound.
    The bound is compared with a margin of ``SCREEN_MARGIN`` (relative) so that fp32 rounding of the two different
    computations can never drop a candidate whose exact sum would be within the bound.
+5. *Carried streams* (``carry_mb`` > 0): a candidate removing unit c (first point p) runs points p, p+1, ... and
+   passes the residual entering every later point P. After the step removes the winner at point w, the next
+   step's model with c removed too has the same removal set below w, so for P <= w the residual entering P is the
+   same tensor, bit for bit. While a candidate runs, its residual is kept at the first point of the unit after c
+   most likely to win (``CARRY_GUESSES``: the best complete candidate after c so far, else the first one after c
+   in the ranked order); in the next step the candidate starts from the kept residual at the largest valid P
+   instead of from p. A late winner (say attention 29) then saves nearly every layer run of the candidates before
+   it. Kept residuals stay valid as long as every later removal lies at or after P, and their memory is capped by
+   ``carry_mb`` (the earliest captures win when the cap is reached; a candidate without one simply starts from
+   the prefix cache).
 
 Resume: with a ``state_path`` the finished steps are written (atomically) after every step together with a
 fingerprint of the weights, the calibration windows and the settings that change the schedule; a rerun with the
@@ -86,10 +96,15 @@ COUNT_UNIT = "one sub-block (attention or MLP branch) or head run over one calib
 
 # Options every greedy depth method shares (registered with each method; see SearchOptions).
 SEARCH_DEFAULTS: dict[str, Any] = dict(search="fast", abandon_bound="best", batch_size=1, state_path="",
-                                       max_steps=0, screen_topk=64)
+                                       max_steps=0, screen_topk=64, carry_mb=2048)
 # Relative slack before a screened lower bound may drop a candidate. The bound and the exact NLL are fp32 sums
 # computed differently; their rounding differs by ~1e-7 relative per window, far below this.
 SCREEN_MARGIN = 1e-5
+# Carried streams are kept at the first points of this many likely winners per candidate (module docstring, 5).
+# Replayed on the golden case's recorded steps (attention weighted 1, MLP 1.7), the branch work left compared with
+# the prefix cache alone: 1 guess 68.8%, 2 guesses 68.1%, 3 67.7%, a perfect guess 66.2%; each guess costs as much
+# memory again (1 guess: about 410 window-streams per step, 0.5 GB for SmolLM2 with 512-token windows).
+CARRY_GUESSES = 1
 
 
 # -- units ---------------------------------------------------------------------------------------------------
@@ -249,14 +264,21 @@ class BranchStack:
     ``points[2L]`` is the stream entering the final norm. Removed branches share their input's tensor. Memory:
     at most (2L + 1) x tokens x d in the model dtype (SmolLM2, 8,192 tokens, fp32: about 1.1 GB).
     ``counts`` tallies branch and head runs per window: ``branch`` while scoring, ``cache`` while (re)building,
-    ``head`` for full LM-head runs and ``screen`` for screened lower bounds. ``screen_topk`` (needs the cache)
-    turns on the screened head (module docstring, point 4).
+    ``head`` for full LM-head runs and ``screen`` for screened lower bounds; ``carry`` counts windows started from
+    a carried stream. ``screen_topk`` (needs the cache) turns on the screened head (module docstring, point 4);
+    ``carry_mb`` (needs the cache) the carried streams (point 5).
     """
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, batch_size: int,
-                 cache: bool, progress: bool = True, screen_topk: int = 0):
+                 cache: bool, progress: bool = True, screen_topk: int = 0, carry_mb: int = 0):
         self.model, self.adapter, self.use_cache = model, adapter, cache
         self.screen_topk = screen_topk if cache else 0
+        self.carry_bytes = carry_mb * 2**20 if cache else 0
+        # unit -> batch index -> [(point, residual entering it)]: captured in this step (valid for this removal set)
+        self._captured: dict[Unit, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        # unit -> batch index -> (point, residual entering it): still valid for the current removal set
+        self._carried: dict[Unit, dict[int, tuple[int, torch.Tensor]]] = {}
+        self._kept_bytes = 0
         self._screens: list[HeadScreen] | None = None
         self.layers = adapter.decoder_layers(model)
         self.num_points = 2 * len(self.layers)
@@ -270,15 +292,17 @@ class BranchStack:
             self.embedded = runner.inputs.tensor()  # layer-0 inputs (the runner's store is freed on close)
         self.removed: frozenset[int] = frozenset()
         self.points: list[torch.Tensor | None] = [self.embedded] + [None] * self.num_points
-        self.counts = {"branch": 0, "head": 0, "cache": 0, "screen": 0}
+        self.counts = {"branch": 0, "head": 0, "cache": 0, "screen": 0, "carry": 0}
 
     def set_removed(self, points: Iterable[int]) -> None:
         """Make ``points`` the removal set; with the cache, recompute it from the first point that changed."""
         new = frozenset(points)
         changed = min(new ^ self.removed, default=None)
+        grew = new >= self.removed
         self.removed = new
         if changed is not None:
             self._screens = None
+            self._carry_over(changed if grew else -1)
         if self.use_cache:
             built = self.points[-1] is not None
             if not built or changed is not None:
@@ -312,39 +336,88 @@ class BranchStack:
         # A diverging candidate (non-finite loss) scores +inf: it loses to any finite one and is never chosen.
         return [value if math.isfinite(value) else math.inf for value in sums]
 
-    def _suffix(self, start: int, hidden: torch.Tensor, skip: frozenset[int]) -> torch.Tensor:
+    def _suffix(self, start: int, hidden: torch.Tensor, skip: frozenset[int],
+                keep: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         for point in range(start, self.num_points):
+            if keep is not None:
+                keep(point, hidden)
             if point not in skip:
                 hidden = self._branch(point, hidden, "branch")
         return hidden
 
-    def score(self, unit: Unit | None = None, bound: float = math.inf) -> Score:
-        """NLL sum of the current model with ``unit`` removed too (None: as is); stops once the sum exceeds ``bound``."""
+    def _run(self, unit: Unit | None, index: int, skip: frozenset[int], capture: frozenset[int]) -> torch.Tensor:
+        """The stream entering the head for batch ``index``, from the latest exact starting point available."""
+        rows = self.batches[index]
+        if not self.use_cache:
+            return self._suffix(0, self.embedded[rows], skip)
+        if unit is None:
+            return self.points[self.num_points][rows]
+        carried = self._carried.get(unit, {}).get(index)
+        if carried is not None:
+            self.counts["carry"] += rows.stop - rows.start
+        start, hidden = carried or (unit.points[0], self.points[unit.points[0]][rows])
+
+        def keep(point: int, stream: torch.Tensor) -> None:
+            if point in capture and stream is not hidden:  # no branch run since the start: nothing to save
+                self._capture(unit, index, point, stream)
+
+        return self._suffix(start, hidden, skip, keep if capture else None)
+
+    def first_branch(self, unit: Unit) -> int:
+        """The first branch point a candidate removing ``unit`` runs (``num_points``: none)."""
+        skip = self.removed.union(unit.points)
+        return next((p for p in range(unit.points[0], self.num_points) if p not in skip), self.num_points)
+
+    def _capture(self, unit: Unit, index: int, point: int, stream: torch.Tensor) -> None:
+        size = stream.numel() * stream.element_size()
+        if self._kept_bytes + size <= self.carry_bytes:
+            # a copy: a view of a prefix-cache row would keep the whole cache tensor alive after a refresh
+            self._captured.setdefault(unit, {}).setdefault(index, []).append((point, stream.clone()))
+            self._kept_bytes += size
+
+    def _carry_over(self, changed: int) -> None:
+        """Keep, per unit and batch, the stream at the largest point not after ``changed`` (-1: drop them all)."""
+        merged: dict[Unit, dict[int, tuple[int, torch.Tensor]]] = {}
+        pending = [(unit, index, [kept]) for unit, batches in self._carried.items() for index, kept in batches.items()]
+        pending += [(unit, index, kept) for unit, batches in self._captured.items() for index, kept in batches.items()]
+        for unit, index, kept in pending:
+            if self.removed.intersection(unit.points):
+                continue  # removed now: never scored again
+            for point, stream in kept:
+                current = merged.setdefault(unit, {}).get(index)
+                if point <= changed and (current is None or point > current[0]):
+                    merged[unit][index] = (point, stream)
+        self._carried = {unit: batches for unit, batches in merged.items() if batches}
+        self._captured = {}
+        self._kept_bytes = sum(stream.numel() * stream.element_size()
+                               for batches in self._carried.values() for _, stream in batches.values())
+
+    def score(self, unit: Unit | None = None, bound: float = math.inf, capture: Iterable[int] = ()) -> Score:
+        """NLL sum of the current model with ``unit`` removed too (None: as is); stops once the sum exceeds ``bound``.
+
+        ``capture``: points at which to keep this candidate's residual for the next step (when carrying is on).
+        """
         skip = self.removed | frozenset(unit.points if unit is not None else ())
-        if self.use_cache:
-            start = unit.points[0] if unit is not None else self.num_points
-            source = self.points[start]
-        else:
-            start, source = 0, self.embedded
+        capture = frozenset(capture) if self.carry_bytes and unit is not None else frozenset()
         if self.screen_topk and math.isfinite(bound):
-            return self._screened_score(start, source, skip, bound)
+            return self._screened_score(unit, skip, bound, capture)
         total, done = 0.0, 0
-        for rows in self.batches:
-            for value in self._window_nll(self._suffix(start, source[rows], skip), rows):
+        for index, rows in enumerate(self.batches):
+            for value in self._window_nll(self._run(unit, index, skip, capture), rows):
                 total += value  # window order is fixed, so every mode adds the same numbers in the same order
             done = rows.stop
             if total > bound and done < self.num_windows:
                 break
         return Score(total, done, done == self.num_windows)
 
-    def _screened_score(self, start: int, source: torch.Tensor, skip: frozenset[int], bound: float) -> Score:
+    def _screened_score(self, unit: Unit | None, skip: frozenset[int], bound: float, capture: frozenset[int]) -> Score:
         """:meth:`score` with the screened head: lower bounds first, exact sums only while the bound may hold."""
         limit = bound + SCREEN_MARGIN * abs(bound)
         screens = self._head_screens()
         finals: list[torch.Tensor] = []
         lower: list[float] = []
-        for rows, screen in zip(self.batches, screens, strict=True):
-            finals.append(self._suffix(start, source[rows], skip))
+        for index, (rows, screen) in enumerate(zip(self.batches, screens, strict=True)):
+            finals.append(self._run(unit, index, skip, capture))
             lower.extend(screen.lower_bounds(self.model, finals[-1]))
             self.counts["screen"] += rows.stop - rows.start
             if math.fsum(lower) > limit:
@@ -396,7 +469,9 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
     complete: list[tuple[float, tuple[int, int], int]] = []  # sorted (sum, key, position) of complete units
     scores: dict[Unit, Score] = {}
     for position, unit in enumerate(tqdm(order, desc=desc, unit="cand", disable=not progress, leave=False)):
-        score = stack.score(unit, _bound(complete, abandon_bound))
+        capture = ([guess.points[0] for guess in likely_winners(order, complete, stack.first_branch(unit))]
+                   if stack.carry_bytes else [])
+        score = stack.score(unit, _bound(complete, abandon_bound), capture)
         scores[unit] = score
         if score.complete:
             bisect.insort(complete, (score.nll_sum, unit.key, position))
@@ -413,6 +488,17 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
         runner_sum = lowest_abandoned if math.isfinite(lowest_abandoned) else None
         exact = len(order) == 1
     return StepOutcome(best, best_sum, runner, runner_sum, exact, scores)
+
+
+def likely_winners(order: Sequence[Unit], complete: list[tuple[float, tuple[int, int], int]], after: int,
+                   count: int = CARRY_GUESSES) -> list[Unit]:
+    """The ``count`` units starting after point ``after`` most likely to win the step: the best complete ones so
+    far, then the first ones in ``order`` (the previous step's ranking). ``after`` is the candidate's first branch
+    run: up to it the candidate's stream is the prefix cache's, and a winner before it is covered by that cache.
+    Only decides where streams are kept (speed)."""
+    guesses = [order[position] for _, _, position in complete if order[position].points[0] > after][:count]
+    guesses += [other for other in order if other.points[0] > after and other not in guesses]
+    return guesses[:count]
 
 
 def _bound(complete: list[tuple[float, tuple[int, int], int]], abandon_bound: str | None) -> float:
@@ -452,6 +538,7 @@ class SearchOptions:
     state_path: Path | None = None
     max_steps: int = 0
     screen_topk: int = 64
+    carry_mb: int = 2048
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SearchOptions:
@@ -469,7 +556,10 @@ class SearchOptions:
         screen_topk = int(settings["screen_topk"])
         if screen_topk < 0:
             raise PrunekitError(f"screen_topk must be >= 0 (0 turns the screened head off), got {screen_topk}")
-        return cls(mode, bound, batch_size, path, max_steps, screen_topk)
+        carry_mb = int(settings["carry_mb"])
+        if carry_mb < 0:
+            raise PrunekitError(f"carry_mb must be >= 0 (0 turns carried streams off), got {carry_mb}")
+        return cls(mode, bound, batch_size, path, max_steps, screen_topk, carry_mb)
 
     @property
     def early_abandon(self) -> str | None:
@@ -480,9 +570,14 @@ class SearchOptions:
         """The screened head's top-k: only with early abandon (it needs a finite bound)."""
         return self.screen_topk if self.mode == "fast" else 0
 
+    @property
+    def carry(self) -> int:
+        """The memory cap of carried streams, in MiB: only in the fast search (0 elsewhere)."""
+        return self.carry_mb if self.mode == "fast" else 0
+
     def describe(self) -> dict[str, Any]:
         return {"search": self.mode, "abandon_bound": self.early_abandon, "batch_size": self.batch_size,
-                "screen_topk": self.screen}
+                "screen_topk": self.screen, "carry_mb": self.carry}
 
 
 def fingerprint(model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, identity: dict[str, Any]) -> str:
@@ -610,7 +705,7 @@ def _search_steps(model, adapter, calibration, search, rule, options, state, pro
     """Build the stack for the state's removal set, score the dense model if new, then step until done."""
     started = time.perf_counter()
     stack = BranchStack(model, adapter, calibration, options.batch_size, options.mode != "plain", progress,
-                        options.screen)
+                        options.screen, options.carry)
     units = state.units()
     stack.set_removed(point for unit in units for point in unit.points)
     if state.dense is None:
@@ -672,8 +767,13 @@ def _step_line(method: str, step: int, record: dict[str, Any]) -> str:
                                         f"{'+' if record['margin_exact'] else '>= +'}{record['margin'] or 0:.4f}")
     return (f"{method} step {step}: remove {record['unit'][0]} {record['unit'][1]} -> calibration ppl "
             f"{record['ppl']:.4f}{margin}; ratio_all {record['ratio_all']:.2%}; {record['seconds']:.1f} s, "
-            f"{record['branch_executions']} branch + {record['head_executions']} head runs, "
+            f"{record['branch_executions']} branch + {record['head_executions']} head runs"
+            f"{_carried_note(record.get('carry_executions', 0))}, "
             f"{record['abandoned']}/{record['candidates']} abandoned")
+
+
+def _carried_note(windows: int) -> str:
+    return f" ({windows} windows from carried streams)" if windows else ""
 
 
 def _schedule(search, rule, options, state, chosen, calibration) -> dict[str, Any]:
@@ -693,6 +793,7 @@ def _schedule(search, rule, options, state, chosen, calibration) -> dict[str, An
         "seconds": column("seconds"), "dense_seconds": state.dense["seconds"],
         "branch_executions": column("branch_executions"), "head_executions": column("head_executions"),
         "cache_executions": column("cache_executions"), "screen_executions": column("screen_executions"),
+        "carried_windows": [step.get("carry_executions", 0) for step in steps],
         "count_unit": COUNT_UNIT,
         "candidates": column("candidates"), "abandoned": column("abandoned"),
         "candidate_ppl": column("scores"),
