@@ -112,7 +112,7 @@ def test_carried_streams_change_no_score_and_save_branch_runs(method, family, la
 
 
 def _scored_stack(model, windows, carry_bytes: int) -> BranchStack:
-    """A stack after one ranked step over every sub-block (carrying on), with the winner not yet removed."""
+    """A stack over ``windows`` for the dense model, carrying streams up to ``carry_bytes`` (no step run yet)."""
     stack = BranchStack(model, adapter_for(model), windows, batch_size=2, cache=True, progress=False, carry_mb=1)
     stack.carry_bytes = carry_bytes  # tiny streams: a cap below 1 MiB makes the cap bite
     stack.set_removed([])

@@ -101,9 +101,10 @@ SEARCH_DEFAULTS: dict[str, Any] = dict(search="fast", abandon_bound="best", batc
 # computed differently; their rounding differs by ~1e-7 relative per window, far below this.
 SCREEN_MARGIN = 1e-5
 # Carried streams are kept at the first points of this many likely winners per candidate (module docstring, 5).
-# Replayed on the golden case's recorded steps (attention weighted 1, MLP 1.7), the branch work left compared with
-# the prefix cache alone: 1 guess 68.8%, 2 guesses 68.1%, 3 67.7%, a perfect guess 66.2%; each guess costs as much
-# memory again (1 guess: about 410 window-streams per step, 0.5 GB for SmolLM2 with 512-token windows).
+# Measured on the golden case with 1 guess: 99,543 branch runs against 132,572 without carrying (75%), about
+# 410 window-streams kept per step (0.5 GB for SmolLM2, 512-token windows). A replay of the recorded steps gives
+# 2 guesses no gain while only the largest valid stream per unit is kept (a candidate started from a carried
+# stream cannot capture before it); each guess costs as much memory again.
 CARRY_GUESSES = 1
 
 
@@ -369,11 +370,10 @@ class BranchStack:
         return next((p for p in range(unit.points[0], self.num_points) if p not in skip), self.num_points)
 
     def _capture(self, unit: Unit, index: int, point: int, stream: torch.Tensor) -> None:
-        size = stream.numel() * stream.element_size()
-        if self._kept_bytes + size <= self.carry_bytes:
+        if self._kept_bytes + stream.nbytes <= self.carry_bytes:
             # a copy: a view of a prefix-cache row would keep the whole cache tensor alive after a refresh
             self._captured.setdefault(unit, {}).setdefault(index, []).append((point, stream.clone()))
-            self._kept_bytes += size
+            self._kept_bytes += stream.nbytes
 
     def _carry_over(self, changed: int) -> None:
         """Keep, per unit and batch, the stream at the largest point not after ``changed`` (-1: drop them all)."""
@@ -389,8 +389,7 @@ class BranchStack:
                     merged[unit][index] = (point, stream)
         self._carried = {unit: batches for unit, batches in merged.items() if batches}
         self._captured = {}
-        self._kept_bytes = sum(stream.numel() * stream.element_size()
-                               for batches in self._carried.values() for _, stream in batches.values())
+        self._kept_bytes = sum(stream.nbytes for batches in self._carried.values() for _, stream in batches.values())
 
     def score(self, unit: Unit | None = None, bound: float = math.inf, capture: Iterable[int] = ()) -> Score:
         """NLL sum of the current model with ``unit`` removed too (None: as is); stops once the sum exceeds ``bound``.
