@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--carry-mb", type=int, default=None,
                         help="memory cap of the fast search's carried streams (default: the method's)")
     parser.add_argument("--random-windows", action="store_true",
-                        help="also search BlockPruner on seeded random windows from the whole calibration split "
+                        help="also run all three on seeded random windows from the whole calibration split "
                              "(same token count and cost; the diverse-calibration remedy)")
     args = parser.parse_args()
     search = {"max_steps": args.max_new_steps}  # neither changes a schedule, so neither is part of the state
@@ -73,10 +73,12 @@ def main() -> None:
         if args.random_windows:
             diverse = calibration_windows(tokenizer, args.calib, size, 512, "random", seed=0)
             models.update({key: (*value, diverse) for key, value in
-                           _blockpruner_plans(dense, adapter, diverse, size, search, "random").items()})
+                           _plans(dense, adapter, diverse, size, search, "random").items()})
         dense_calibration = report.setdefault("dense_calibration_ppl", {})
-        if str(size) not in dense_calibration:
-            dense_calibration[str(size)] = prunekit.perplexity(dense, windows, progress=False).perplexity
+        calibrations = {str(size): windows, **({f"{size}_random": diverse} if args.random_windows else {})}
+        for name, scored_on in calibrations.items():
+            if name not in dense_calibration:
+                dense_calibration[name] = prunekit.perplexity(dense, scored_on, progress=False).perplexity
         for key, (plan, calibration_ppl, ratio, scored_on) in models.items():
             if key not in report["runs"]:
                 pruned = prunekit.apply_plan(copy.deepcopy(dense), plan)
@@ -90,9 +92,13 @@ def main() -> None:
     print(_markdown(report))
 
 
+def _name(method: str, variant: str) -> str:
+    return f"{method}_{variant}" if variant else method
+
+
 def _blockpruner_plans(dense, adapter, windows, size: int, search: dict, variant: str = "") -> dict:
     """{run key: (plan, search calibration ppl, ratio_all)} at K = BLOCK_COUNTS, once the search has finished."""
-    name = f"blockpruner_{variant}" if variant else "blockpruner"
+    name = _name("blockpruner", variant)
     schedule = _search("blockpruner", dense, adapter, windows, size, max(BLOCK_COUNTS), search, f"{name}-{size}")
     if schedule is None:
         return {}
@@ -101,25 +107,30 @@ def _blockpruner_plans(dense, adapter, windows, size: int, search: dict, variant
                                         schedule["ratio_all"][count]) for count in BLOCK_COUNTS}
 
 
-def _plans(dense, adapter, windows, size: int, search: dict) -> dict:
-    """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search at this size."""
-    plans = _blockpruner_plans(dense, adapter, windows, size, search)
+def _plans(dense, adapter, windows, size: int, search: dict, variant: str = "") -> dict:
+    """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search on these windows.
+
+    ``variant`` names runs on other windows than the sequential ones (``random``: the diverse-calibration remedy);
+    ShortGPT and SLEB then see the same windows as BlockPruner, so the comparison stays like for like.
+    """
+    plans = _blockpruner_plans(dense, adapter, windows, size, search, variant)
     if not plans:
         return plans
-    layer_counts = {count: _closest_layer_count(adapter, plans[f"blockpruner-{size}-K{count}"][2])
+    layer_counts = {count: _closest_layer_count(adapter, plans[f"{_name('blockpruner', variant)}-{size}-K{count}"][2])
                     for count in BLOCK_COUNTS}
     scores = layer_influence(dense, adapter, windows, progress=False)
     order = sorted(range(adapter.num_layers), key=lambda layer: (scores[layer], layer))
     for count, layers in layer_counts.items():
         removed = [Unit(LAYER, layer) for layer in order[:layers]]
-        plans[f"shortgpt-{size}-K{count}"] = (plan_from_units(adapter, removed), None,
-                                              removal_ratios(adapter, removed)[0])
-    sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), search)
+        plans[f"{_name('shortgpt', variant)}-{size}-K{count}"] = (plan_from_units(adapter, removed), None,
+                                                                  removal_ratios(adapter, removed)[0])
+    sleb_name = _name("sleb", variant)
+    sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), search, f"{sleb_name}-{size}")
     if sleb is not None:
         sleb_units = [Unit(kind, layer) for kind, layer in sleb["order"]]
         for count, layers in layer_counts.items():
-            plans[f"sleb-{size}-K{count}"] = (plan_from_units(adapter, sleb_units[:layers]),
-                                              sleb["calibration_ppl"][layers], sleb["ratio_all"][layers])
+            plans[f"{sleb_name}-{size}-K{count}"] = (plan_from_units(adapter, sleb_units[:layers]),
+                                                     sleb["calibration_ppl"][layers], sleb["ratio_all"][layers])
     return plans
 
 
@@ -149,6 +160,18 @@ def _evaluate(model, evaluation: dict) -> dict:
                     for name, windows in evaluation.items()}}
 
 
+def _row_order(key: str) -> tuple:
+    """Size, then calibration variant (sequential first), then K, then method."""
+    method, size, count = key.split("-")
+    base, _, variant = method.partition("_")
+    return int(size), variant, int(count[1:]), base
+
+
+def _dense_order(name: str) -> tuple:
+    size, _, variant = name.partition("_")
+    return int(size), variant
+
+
 def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -160,10 +183,10 @@ def _markdown(report: dict) -> str:
     corpora = list(runs["dense"]["ppl"])
     headers = ["method", "calib tokens", "K", "ratio_all", "calib ppl", *[f"{name} ppl" for name in corpora]]
     rows = [["dense", "", "", "0.00%", "", *[f"{runs['dense']['ppl'][name]:.2f}" for name in corpora]]]
-    rows += [["dense", size, "", "0.00%", f"{ppl:.2f}", *[""] * len(corpora)]
-             for size, ppl in report.get("dense_calibration_ppl", {}).items()]
-    for key in sorted((key for key in runs if key != "dense"),
-                      key=lambda k: (int(k.split("-")[1]), int(k.split("K")[-1]), k.split("-")[0])):
+    for name, ppl in sorted(report.get("dense_calibration_ppl", {}).items(), key=lambda item: _dense_order(item[0])):
+        size, _, variant = name.partition("_")  # keyed "<size>[_<variant>]"
+        rows.append([_name("dense", variant), size, "", "0.00%", f"{ppl:.2f}", *[""] * len(corpora)])
+    for key in sorted((key for key in runs if key != "dense"), key=_row_order):
         run = runs[key]
         method, size, count = key.split("-")
         calib = f"{run['calibration_ppl']:.2f}"
@@ -174,7 +197,9 @@ def _markdown(report: dict) -> str:
     return "\n".join([
         "# Depth pruning on SmolLM2-135M: held-out perplexity", "",
         "K = BlockPruner sub-blocks removed; ShortGPT and SLEB remove the number of whole layers with the closest "
-        "parameter share. Calibration: sequential 512-token windows from the start of the calibration split. "
+        "parameter share. Calibration: sequential 512-token windows from the start of the calibration split; "
+        "`_random` runs: the same number of 512-token windows drawn at random (seed 0) from the whole calibration "
+        "split. calib ppl: measured on the windows the run was calibrated on. "
         f"Evaluation: {report.get('evaluation')}.", "",
         "```", format_table(headers, rows), "```", "", "Invocations:", "", sessions, "",
     ])

@@ -20,7 +20,7 @@ import torch
 import prunekit
 from prunekit.data import evaluation_windows
 from prunekit.evaluation.speed import machine_info
-from prunekit.methods.magnitude import _unit_norms
+from prunekit.methods.magnitude import unit_norms
 from prunekit.models.adapters import adapter_for
 from prunekit.report import format_table
 from prunekit.structure.plan import PruningPlan
@@ -34,7 +34,7 @@ def main() -> None:
     model, tokenizer = prunekit.load_model("smollm2-135m")
     adapter = adapter_for(model)
     windows = evaluation_windows(tokenizer, "pydocs", 512, 2048)
-    norms = [_unit_norms(layer, adapter)[2] for layer in adapter.decoder_layers(model)]
+    norms = [unit_norms(layer, adapter)[2] for layer in adapter.decoder_layers(model)]
     width = adapter.intermediate_size
     generator = torch.Generator().manual_seed(0)
 

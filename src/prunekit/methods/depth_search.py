@@ -531,13 +531,14 @@ def ranking_of(scores: dict[Unit, Score], num_windows: int) -> list[Unit]:
 class SearchOptions:
     """How the search runs (none of these changes the schedule, except ``batch_size`` in the last bits)."""
 
-    mode: str = "fast"
-    abandon_bound: str = "best"
-    batch_size: int = 1
-    state_path: Path | None = None
-    max_steps: int = 0
-    screen_topk: int = 64
-    carry_mb: int = 2048
+    # No field defaults: the defaults live once, in SEARCH_DEFAULTS, and every instance comes from from_settings.
+    mode: str
+    abandon_bound: str
+    batch_size: int
+    state_path: Path | None
+    max_steps: int
+    screen_topk: int
+    carry_mb: int
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SearchOptions:

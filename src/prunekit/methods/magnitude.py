@@ -46,7 +46,7 @@ def magnitude(
     counts = unit_counts(ratio, adapter, q_head_mode, settings["match_parameters"])
     head_scores, kv_scores, channel_scores = [], [], []
     for layer in adapter.decoder_layers(model):
-        heads, kv, channels = _unit_norms(layer, adapter)
+        heads, kv, channels = unit_norms(layer, adapter)
         head_scores.append(heads)
         kv_scores.append(kv)
         channel_scores.append(channels)
@@ -62,7 +62,7 @@ def magnitude(
     return plan
 
 
-def _unit_norms(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_norms(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums of squares per query head (q rows + o columns), per KV head (k + v rows) and per FFN channel."""
     dh = adapter.head_dim
     attention, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
