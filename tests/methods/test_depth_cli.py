@@ -88,7 +88,7 @@ def test_layer_methods_cli(capsys, tmp_path, model_dir, method, artifact):
     "extra,pattern",
     [
         (["--method", "blockpruner", "--blocks", "2", "--ratio", "0.1"], "either --ratio or --blocks, not both"),
-        (["--method", "blockpruner"], "required: --ratio (or --blocks)"),
+        (["--method", "blockpruner"], "required: --ratio or --blocks"),
         (["--method", "magnitude"], "required: --ratio"),
         (["--method", "magnitude", "--blocks", "2"], "--blocks applies to the depth methods"),
         (["--method", "sleb", "--blocks", "1", "--block-type", "attn"], "--block-type applies to blockpruner"),

@@ -104,8 +104,8 @@ def test_prune_takes_a_block_count_for_the_depth_methods(tiny_tokenizer):
 @pytest.mark.parametrize(
     "method,kwargs,pattern",
     [
-        ("sleb", {"ratio": 0.2, "blocks": 2}, "not both or neither"),
-        ("sleb", {}, "not both or neither"),
+        ("sleb", {"ratio": 0.2, "blocks": 2}, "either --ratio or --blocks, not both"),
+        ("sleb", {}, "required: --ratio or --blocks"),
         ("magnitude", {"blocks": 2}, "applies to the depth methods"),
         ("sleb", {"blocks": 0}, "positive whole number"),
     ],

@@ -68,10 +68,10 @@ def resolve_target(info, ratio: float | None, ratio_of: str, blocks: int | None,
     """
     depth = "blocks" in info.defaults
     if ratio is not None and blocks is not None:
-        raise PrunekitError("give either --ratio or --blocks, not both or neither")
+        raise PrunekitError("give either --ratio or --blocks, not both")
     if ratio is None and blocks is None:
         raise PrunekitError("the following arguments are required: --ratio"
-                            + (" (or --blocks); give one, not both or neither" if depth else ""))
+                            + (" or --blocks (one of the two)" if depth else ""))
     if blocks is None:
         return Target(ratio, ratio_of), {"ratio": ratio, "of": ratio_of}
     if not depth:
