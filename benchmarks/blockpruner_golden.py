@@ -31,7 +31,7 @@ from prunekit.errors import PrunekitError
 from prunekit.evaluation.speed import machine_info
 from prunekit.methods import method_info
 from prunekit.models.adapters import adapter_for
-from prunekit.report import format_table
+from prunekit.report import console_summaries, format_table
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "blockpruner-golden"
 RESULTS = Path(__file__).resolve().parent / "results" / "blockpruner_golden"
@@ -172,4 +172,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with console_summaries():
+        main()

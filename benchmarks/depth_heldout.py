@@ -34,7 +34,7 @@ from prunekit.methods import method_info
 from prunekit.methods.depth_search import LAYER, Unit, plan_from_units, removal_ratios
 from prunekit.methods.shortgpt import layer_influence
 from prunekit.models.adapters import adapter_for
-from prunekit.report import format_table
+from prunekit.report import console_summaries, format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATES = RESULTS / "depth_heldout"
@@ -206,4 +206,5 @@ def _markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with console_summaries():
+        main()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from prunekit.errors import PrunekitError
+from prunekit.report.console import console_summaries
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars (the per-step and per-layer summary lines still print)")
 
     bench = commands.add_parser(
         "bench", help="measure speed and memory", description="Measure prefill and decode throughput (median "
@@ -134,7 +135,7 @@ def _add_prune_parsers(commands) -> None:
     prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="set a method hyperparameter (repeatable; see 'prunekit methods')")
     prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
-    prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    prune.add_argument("--no-progress", action="store_true", help="hide progress bars (the per-step and per-layer summary lines still print)")
 
     save = commands.add_parser(
         "save", help="apply a plan JSON to a model and save the checkpoint",
@@ -166,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
                     "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export}
-        return handlers[args.command](args)
+        with console_summaries():
+            return handlers[args.command](args)
     except PrunekitError as error:
         print(f"prunekit: error: {error}", file=sys.stderr)
         return 2

@@ -138,3 +138,12 @@ def test_a_killed_search_resumes_from_its_last_step_with_the_same_schedule(tmp_p
     expected = json.loads((fresh / "blockpruner_schedule.json").read_text())
     assert resumed["order"] == expected["order"]
     assert resumed["calibration_nll_sum"] == expected["calibration_nll_sum"]
+
+
+def test_no_progress_hides_bars_but_keeps_the_step_summaries(capsys, tmp_path, model_dir):
+    code, _, err = _prune(capsys, model_dir, tmp_path / "quiet", "--method", "blockpruner", "--blocks", "2")
+    assert code == 0, err
+    steps = [line for line in err.splitlines() if line.startswith("blockpruner step")]
+    assert [line.split(":")[0] for line in steps] == ["blockpruner step 1", "blockpruner step 2"], err
+    assert all("-> calibration ppl" in line for line in steps)
+    assert "cand/s" not in err  # no candidate progress bar

@@ -61,6 +61,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -82,6 +83,8 @@ from prunekit.methods.base import Target
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.params import predicted_ratios
 from prunekit.structure.plan import PruningPlan
+
+log = logging.getLogger(__name__)
 
 ATTN, MLP, LAYER = "attn", "mlp", "layer"
 UNIT_KINDS = (ATTN, MLP, LAYER)
@@ -721,8 +724,7 @@ def _search_steps(model, adapter, calibration, search, rule, options, state, pro
         state.steps.append(_one_step(stack, adapter, search, options, state, units, eligible, progress))
         units.append(Unit.from_label(state.steps[-1]["unit"]))
         state.save()
-        if progress:
-            tqdm.write(_step_line(search.method, len(state.steps), state.steps[-1]))
+        log.info(_step_line(search.method, len(state.steps), state.steps[-1]))
         new_steps += 1
         if options.max_steps and new_steps >= options.max_steps and not rule.finished(state.ratios()):
             raise PrunekitError(f"{search.method} search paused after {new_steps} new steps ({len(state.steps)} done); "

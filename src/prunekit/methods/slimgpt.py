@@ -24,11 +24,11 @@ Departures from the paper, each an option with the toolkit default from the meth
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.data.windows import TokenWindows
@@ -45,6 +45,8 @@ from prunekit.methods.obs import (
 from prunekit.methods.schedule import log_increasing_ratios, uniform_ratios, unit_counts
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.plan import PruningPlan
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("log_increase", "uniform")
 ATTENTION_UNITS = ("auto", "kv_group", "q_head")
@@ -99,8 +101,7 @@ def slimgpt(
             else:
                 runner.run_branch(index, "mlp")
             report.append(entry)
-            if progress:
-                tqdm.write(_describe(entry, plan, index))
+            log.info(_describe(entry, plan, index))
     plan.metrics["slimgpt_layers"] = report
     return plan
 
