@@ -17,6 +17,7 @@ stopped. Writes ``benchmarks/results/depth_heldout.{json,md}`` with the machine 
     .venv/bin/python benchmarks/depth_heldout.py --sizes 4096                  # one size
     .venv/bin/python benchmarks/depth_heldout.py --max-new-steps 3             # at most 3 search steps per search
     .venv/bin/python benchmarks/depth_heldout.py --sizes 32768 --carry-mb 6144 # more memory for carried streams
+    .venv/bin/python benchmarks/depth_heldout.py --sizes 32768 --defer-sleb    # score the others before SLEB's search
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--random-windows", action="store_true",
                         help="also run all three on seeded random windows from the whole calibration split "
                              "(same token count and cost; the diverse-calibration remedy)")
+    parser.add_argument("--defer-sleb", action="store_true",
+                        help="leave SLEB's search for a later run, so BlockPruner and ShortGPT are scored now")
     args = parser.parse_args()
     search = {"max_steps": args.max_new_steps}  # neither changes a schedule, so neither is part of the state
     if args.carry_mb is not None:
@@ -69,11 +72,12 @@ def main() -> None:
     for size in [int(value) for value in args.sizes.split(",")]:
         windows = calibration_windows(tokenizer, args.calib, size, 512, "sequential")
         models = {key: (*value, windows) for key, value in
-                  _plans(dense, adapter, windows, size, search).items()}
+                  _plans(dense, adapter, windows, size, search, defer_sleb=args.defer_sleb).items()}
         if args.random_windows:
             diverse = calibration_windows(tokenizer, args.calib, size, 512, "random", seed=0)
             models.update({key: (*value, diverse) for key, value in
-                           _plans(dense, adapter, diverse, size, search, "random").items()})
+                           _plans(dense, adapter, diverse, size, search, "random",
+                                         args.defer_sleb).items()})
         dense_calibration = report.setdefault("dense_calibration_ppl", {})
         calibrations = {str(size): windows, **({f"{size}_random": diverse} if args.random_windows else {})}
         for name, scored_on in calibrations.items():
@@ -107,11 +111,12 @@ def _blockpruner_plans(dense, adapter, windows, size: int, search: dict, variant
                                         schedule["ratio_all"][count]) for count in BLOCK_COUNTS}
 
 
-def _plans(dense, adapter, windows, size: int, search: dict, variant: str = "") -> dict:
+def _plans(dense, adapter, windows, size: int, search: dict, variant: str = "", defer_sleb: bool = False) -> dict:
     """{run key: (plan, calibration ppl or None, ratio_all)} for every finished search on these windows.
 
     ``variant`` names runs on other windows than the sequential ones (``random``: the diverse-calibration remedy);
     ShortGPT and SLEB then see the same windows as BlockPruner, so the comparison stays like for like.
+    ``defer_sleb`` leaves SLEB out (its search is the long one), as a paused search would.
     """
     plans = _blockpruner_plans(dense, adapter, windows, size, search, variant)
     if not plans:
@@ -124,6 +129,8 @@ def _plans(dense, adapter, windows, size: int, search: dict, variant: str = "") 
         removed = [Unit(LAYER, layer) for layer in order[:layers]]
         plans[f"{_name('shortgpt', variant)}-{size}-K{count}"] = (plan_from_units(adapter, removed), None,
                                                                   removal_ratios(adapter, removed)[0])
+    if defer_sleb:
+        return plans
     sleb_name = _name("sleb", variant)
     sleb = _search("sleb", dense, adapter, windows, size, max(layer_counts.values()), search, f"{sleb_name}-{size}")
     if sleb is not None:
