@@ -77,7 +77,7 @@ def main() -> None:
             diverse = calibration_windows(tokenizer, args.calib, size, 512, "random", seed=0)
             models.update({key: (*value, diverse) for key, value in
                            _plans(dense, adapter, diverse, size, search, "random",
-                                         args.defer_sleb).items()})
+                                  defer_sleb=args.defer_sleb).items()})
         dense_calibration = report.setdefault("dense_calibration_ppl", {})
         calibrations = {str(size): windows, **({f"{size}_random": diverse} if args.random_windows else {})}
         for name, scored_on in calibrations.items():
