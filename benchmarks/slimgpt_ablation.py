@@ -61,7 +61,8 @@ def main() -> None:
             method, options = VARIANTS[name]
             model = copy.deepcopy(dense)
             started = time.perf_counter()
-            result = prunekit.prune(model, tokenizer, method, ratio, "all", calibration if method == "slimgpt" else None,
+            method_calibration = calibration if method == "slimgpt" else None
+            result = prunekit.prune(model, tokenizer, method, ratio, "all", method_calibration,
                                     seed=0, progress=False, **options)
             seconds = time.perf_counter() - started
             ppl = _perplexities(result.model, evaluation)
@@ -77,7 +78,9 @@ def main() -> None:
 
 
 def _perplexities(model, evaluation: dict) -> dict[str, float]:
-    return {name: prunekit.perplexity(model, windows, progress=False).perplexity for name, windows in evaluation.items()}
+    return {
+        name: prunekit.perplexity(model, windows, progress=False).perplexity for name, windows in evaluation.items()
+    }
 
 
 def _write(out: Path, machine: dict, dense_ppl: dict, calibration, evaluation, runs: list) -> dict:
@@ -106,7 +109,8 @@ def _markdown(report: dict) -> str:
     return "\n".join([
         "# SlimGPT ablation on SmolLM2-135M",
         "",
-        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} cores, torch {machine.get('torch', '?')}, "
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} cores, "
+        f"torch {machine.get('torch', '?')}, "
         f"date {machine.get('date', '?')}, load average at start {machine.get('load_average')}.",
         f"Calibration: {report['calibration']}.",
         "",

@@ -67,7 +67,8 @@ def _markdown(report: dict) -> str:
     for name, result in report["results"].items():
         prefill = " | ".join(f"{p['tokens_per_second']['median']:.1f}" for p in result["prefill"])
         decode = result["decode"]["tokens_per_second"]["median"] if result["decode"] else float("nan")
-        lines.append(f"| {name} | {result['parameters']:,} | {result['kv_bytes_per_token']:,.0f} | {prefill} | {decode:.1f} |")
+        kv_bytes = result["kv_bytes_per_token"]
+        lines.append(f"| {name} | {result['parameters']:,} | {kv_bytes:,.0f} | {prefill} | {decode:.1f} |")
     lines += ["", "Ratios to dense (medians):", ""]
     for name, ratios in report["vs_dense"].items():
         prefill = ", ".join(f"{shape}: {value:.3f}x" for shape, value in ratios["prefill_tokens_per_second"].items())

@@ -41,7 +41,9 @@ def tiny_config(family: str = "llama", heads: int = 4, kv_heads: int = 2, layers
     return AutoConfig.for_model(family, **settings)
 
 
-def make_tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 3, seed: int = 0, **overrides):
+def make_tiny_model(
+    family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 3, seed: int = 0, **overrides
+):
     """A tiny randomly initialised model in fp32 eval mode; norms get random weights so they matter."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, heads, kv_heads, layers, **overrides))

@@ -15,6 +15,7 @@ from pathlib import Path
 from prunekit.errors import PrunekitError
 from prunekit.report.console import console_summaries
 
+NO_PROGRESS_HELP = "hide progress bars (the per-step and per-layer summary lines still print)"
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; we print one line naming the problem and pointing at --help."""
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars (the per-step and per-layer summary lines still print)")
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
     bench = commands.add_parser(
         "bench", help="measure speed and memory", description="Measure prefill and decode throughput (median "
@@ -135,7 +136,7 @@ def _add_prune_parsers(commands) -> None:
     prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="set a method hyperparameter (repeatable; see 'prunekit methods')")
     prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
-    prune.add_argument("--no-progress", action="store_true", help="hide progress bars (the per-step and per-layer summary lines still print)")
+    prune.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
     save = commands.add_parser(
         "save", help="apply a plan JSON to a model and save the checkpoint",

@@ -32,7 +32,8 @@ def test_layer_by_layer_reproduces_the_full_forward(family):
 
 def test_gemma3_layers_get_their_own_masks_and_rotary_tables():
     model = sliding_model("gemma3_text")
-    assert model.config.sliding_window < SEQLEN and model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert model.config.sliding_window < SEQLEN
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
     with LayerwiseRunner(model, adapter_for(model), token_windows(), batch_size=5, progress=False) as runner:
         sliding, full = runner.context(0, 5), runner.context(1, 5)
     assert (sliding.layer_type, full.layer_type) == ("sliding_attention", "full_attention")

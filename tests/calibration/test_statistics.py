@@ -22,7 +22,8 @@ def check_against_direct(stats, batches, rtol=1e-5):
     assert stats.xtx.dtype == torch.float32
     torch.testing.assert_close(stats.xtx.double(), x.T @ x, rtol=rtol, atol=1e-4)
     torch.testing.assert_close(stats.hessian().double(), 2 * x.T @ x / x.shape[0], rtol=rtol, atol=1e-6)
-    torch.testing.assert_close(stats.hessian(per="sequence").double(), 2 * x.T @ x / stats.sequences, rtol=rtol, atol=1e-5)
+    expected = 2 * x.T @ x / stats.sequences
+    torch.testing.assert_close(stats.hessian(per="sequence").double(), expected, rtol=rtol, atol=1e-5)
     torch.testing.assert_close(stats.feature_norms().double(), x.norm(dim=0), rtol=rtol, atol=1e-6)
     torch.testing.assert_close(stats.mean().double(), x.mean(dim=0), rtol=rtol, atol=1e-6)
     torch.testing.assert_close(stats.variance().double(), x.var(dim=0, unbiased=True), rtol=rtol, atol=1e-6)

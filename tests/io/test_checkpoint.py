@@ -50,7 +50,8 @@ def mixed_plan(adapter):
 
 
 def _in_fresh_process(directory, via="prunekit"):
-    code = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(directory), via, ",".join(map(str, IDS[0].tolist()))],
+    token_ids = ",".join(map(str, IDS[0].tolist()))
+    code = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(directory), via, token_ids],
                           capture_output=True, text=True, timeout=600)
     assert code.returncode == 0, code.stderr[-3000:]
     return load_file(directory / "fresh.safetensors")

@@ -95,8 +95,10 @@ def test_screened_head_keeps_the_schedule_and_saves_head_runs(family):
     assert screened["screen_topk"] == 8 and plain["screen_topk"] == 0
 
 
-@pytest.mark.parametrize(("method", "family", "layers", "blocks"),
-                         [("blockpruner", "llama", 4, 5), ("blockpruner", "gemma3_text", 4, 5), ("sleb", "qwen2", 8, 4)])
+@pytest.mark.parametrize(
+    ("method", "family", "layers", "blocks"),
+    [("blockpruner", "llama", 4, 5), ("blockpruner", "gemma3_text", 4, 5), ("sleb", "qwen2", 8, 4)],
+)
 def test_carried_streams_change_no_score_and_save_branch_runs(method, family, layers, blocks):
     model = peaked_model(family, layers=layers)
     windows = sampled_windows(model, count=12)

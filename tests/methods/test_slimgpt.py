@@ -104,7 +104,8 @@ def test_dgs_released_schedule():
 def test_layer_ratios_uniform_and_log(tiny_tokenizer):
     adapter = adapter_for(make_tiny_model("llama", layers=4))
     uniform = layer_ratios(adapter, Target(0.3, "linear"), {"schedule": "uniform"})
-    log = layer_ratios(adapter, Target(0.3, "linear"), {"schedule": "log_increase", "first_ratio": 0.0, "ratio_cap": 0.9})
+    log_settings = {"schedule": "log_increase", "first_ratio": 0.0, "ratio_cap": 0.9}
+    log = layer_ratios(adapter, Target(0.3, "linear"), log_settings)
     assert uniform == [0.3] * 4 and log[0] == 0.0 and sum(log) / 4 == pytest.approx(0.3)
 
 

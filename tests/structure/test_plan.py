@@ -71,7 +71,9 @@ BAD_PLANS = {
     "unsorted heads": (_bad(1, kept_heads=[1, 0, 2, 3], kept_kv_heads=[0]), "plan layer 1: kept_heads must be sorted"),
     "duplicate channels": (_bad(2, kept_channels=[1, 1, 2]), "plan layer 2: kept_channels must be sorted and without"),
     "orphan query head": (_bad(1, kept_heads=[0, 1, 4], kept_kv_heads=[0]), "plan layer 1: query head 4 needs KV"),
-    "kv head without queries": (_bad(0, kept_heads=[0, 1], kept_kv_heads=[0, 1]), "plan layer 0: KV head 1 is kept but"),
+    "kv head without queries": (
+        _bad(0, kept_heads=[0, 1], kept_kv_heads=[0, 1]), "plan layer 0: KV head 1 is kept but"
+    ),
     "uneven groups": (_bad(2, kept_heads=[0, 1, 4]), "plan layer 2: kept KV groups keep different numbers"),
     "no kv head": (_bad(1, kept_heads=[], kept_kv_heads=[]), "plan layer 1: attention keeps no KV head"),
     "no channel": (_bad(0, kept_channels=[]), "plan layer 0: MLP keeps no channel; mark the MLP block removed"),

@@ -82,7 +82,10 @@ def branch_norms(adapter: ArchAdapter, layer: nn.Module, branch: str) -> tuple[n
     modules = list(norms.values())
     if not 1 <= len(modules) <= 2:
         label = "attention" if attention else "MLP"
-        raise PrunekitError(f"the {label} branch has {len(modules)} norms; expected a pre-norm and at most one post-norm")
+        raise PrunekitError(
+            f"the {label} branch has {len(modules)} norms; expected a pre-norm "
+            "and at most one post-norm"
+        )
     return modules[0], modules[1] if len(modules) == 2 else None
 
 

@@ -64,7 +64,10 @@ class LayerwiseRunner:
     ):
         input_ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-            raise PrunekitError(f"calibration windows must be a non-empty [n, seqlen] tensor, got {tuple(input_ids.shape)}")
+            raise PrunekitError(
+                "calibration windows must be a non-empty [n, seqlen] tensor, got "
+                f"{tuple(input_ids.shape)}"
+            )
         if batch_size < 1:
             raise PrunekitError(f"the calibration batch size must be at least 1, got {batch_size}")
         self.model, self.adapter = model, adapter
@@ -126,7 +129,10 @@ class LayerwiseRunner:
                           initial=start, total=self.num_layers):
             yield index, self._layers[index]
             if self._position != index + 1:
-                raise PrunekitError(f"layer {index} was not advanced; call runner.advance({index}) before the next layer")
+                raise PrunekitError(
+                    f"layer {index} was not advanced; call runner.advance({index}) "
+                    "before the next layer"
+                )
 
     # -- passes --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -309,4 +315,7 @@ def _check_seen(statistics: Mapping[str, InputStatistics]) -> None:
     """A hooked linear that saw nothing means the wrong pass or a removed branch: fail now, not in the solver."""
     for name, stats in statistics.items():
         if stats.tokens == 0:
-            raise PrunekitError(f"linear '{name}' received no inputs in this pass (removed branch, or wrong stop_after?)")
+            raise PrunekitError(
+                f"linear '{name}' received no inputs in this pass (removed "
+                "branch, or wrong stop_after?)"
+            )

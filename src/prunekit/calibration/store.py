@@ -73,7 +73,10 @@ class ActivationStore:
             os.ftruncate(handle, max(nbytes, 1))
         except OSError as error:
             self.close()
-            raise PrunekitError(f"cannot reserve {nbytes} bytes for activations in '{path}': {error.strerror}") from error
+            raise PrunekitError(
+                f"cannot reserve {nbytes} bytes for activations in "
+                f"'{path}': {error.strerror}"
+            ) from error
         finally:
             os.close(handle)
         return torch.from_file(path, shared=True, size=count, dtype=self.dtype).view(self.shape)

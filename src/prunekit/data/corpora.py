@@ -99,7 +99,8 @@ def _tail_split(name: str, records: list[str], split: str, description: str) -> 
         boundary -= 1
         tail += len(records[boundary])
     chosen = records[:boundary] if split == "calibration" else records[boundary:]
-    return CorpusText(name, split, chosen, f"{description}, {split} split (last {EVALUATION_FRACTION:.0%} is evaluation)")
+    label = f"{description}, {split} split (last {EVALUATION_FRACTION:.0%} is evaluation)"
+    return CorpusText(name, split, chosen, label)
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -178,7 +179,9 @@ def _pydocs(split: str) -> CorpusText:
         "evaluation": lambda name: name.startswith("library/"),
         "all": lambda name: True,
     }[split]
-    records = [path.read_text(encoding="utf-8").strip() for path, name in zip(files, relative, strict=True) if keep(name)]
+    records = [
+        path.read_text(encoding="utf-8").strip() for path, name in zip(files, relative, strict=True) if keep(name)
+    ]
     return CorpusText("pydocs", split, records, f"Debian python3.11-doc reST sources, {split} split")
 
 

@@ -114,7 +114,12 @@ def _check_seqlen(seqlen: int) -> None:
 
 
 def evaluation_windows(
-    tokenizer, source: str, seqlen: int = 2048, max_tokens: int | None = None, bos: str = "auto", split: str = "evaluation"
+    tokenizer,
+    source: str,
+    seqlen: int = 2048,
+    max_tokens: int | None = None,
+    bos: str = "auto",
+    split: str = "evaluation",
 ) -> TokenWindows:
     """Consecutive windows from the start of a corpus's evaluation split (at most ``max_tokens`` tokens)."""
     _check_seqlen(seqlen)

@@ -411,7 +411,10 @@ def decode_throughput(
 ) -> DecodeResult:
     """Decode tokens/s at batch 1: the first new token comes from the (untimed) prefill, the rest are timed steps."""
     if new_tokens < 2:
-        raise PrunekitError(f"--decode-tokens must be at least 2 (one prefill token plus timed steps), got {new_tokens}")
+        raise PrunekitError(
+            "--decode-tokens must be at least 2 (one prefill token plus "
+            f"timed steps), got {new_tokens}"
+        )
     _check_length(model, prompt_tokens + new_tokens, "decode prompt plus new tokens")
     device, prompt = next(model.parameters()).device, _random_ids(model, 1, prompt_tokens, seed=1)
     with PeakMemory(device) as memory:

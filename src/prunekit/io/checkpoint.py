@@ -174,7 +174,8 @@ def _load_weights_strictly(model: nn.Module, path: Path) -> None:
                 tensor = handle.get_tensor(name)
                 if tensor.shape != target.shape:
                     raise PrunekitError(
-                        f"{path.name} tensor {name} has shape {tuple(tensor.shape)}, the plan gives {tuple(target.shape)}"
+                        f"{path.name} tensor {name} has shape {tuple(tensor.shape)}, "
+                        f"the plan gives {tuple(target.shape)}"
                     )
                 tensors[name] = tensor
     except SafetensorError as error:

@@ -29,7 +29,10 @@ def uniform_shape(plan: Any) -> tuple[int, int, int]:
             raise PrunekitError(f"cannot export uniformly: layer {index} has its {block} block removed")
         shapes.add((len(layer.kept_heads), len(layer.kept_kv_heads), len(layer.kept_channels)))
     if len(shapes) != 1:
-        raise PrunekitError(f"cannot export uniformly: surviving layers have {len(shapes)} different shapes {sorted(shapes)}")
+        raise PrunekitError(
+            f"cannot export uniformly: surviving layers have {len(shapes)} "
+            f"different shapes {sorted(shapes)}"
+        )
     return shapes.pop()
 
 

@@ -745,7 +745,8 @@ def _one_step(stack, adapter, search, options, state, units, eligible, progress)
     return {
         "unit": outcome.best.label(), "nll_sum": outcome.best_sum, "ppl": best_ppl,
         "runner_up": outcome.runner_up.label() if outcome.runner_up else None,
-        "runner_up_ppl": _finite(runner_ppl), "margin": _finite(runner_ppl - best_ppl if runner_ppl is not None else None),
+        "runner_up_ppl": _finite(runner_ppl),
+        "margin": _finite(runner_ppl - best_ppl if runner_ppl is not None else None),
         "margin_exact": outcome.margin_exact, "ratio_all": ratio_all, "ratio_layers": ratio_layers,
         "seconds": round(time.perf_counter() - started, 3), **_counts(stack, before),
         "candidates": len(scores), "abandoned": sum(not s.complete for s in scores.values()),

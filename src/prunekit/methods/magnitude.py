@@ -55,7 +55,9 @@ def magnitude(
     if counts.attention_units and q_head_mode:
         plan = prune_q_heads(plan, head_scores, per_group=counts.attention_units)
     elif counts.attention_units:
-        group_scores = [_group_norms(h, k, adapter.heads_per_group) for h, k in zip(head_scores, kv_scores, strict=True)]
+        group_scores = [
+            _group_norms(heads, kv, adapter.heads_per_group) for heads, kv in zip(head_scores, kv_scores, strict=True)
+        ]
         plan = prune_kv_groups(plan, group_scores, per_layer=[counts.attention_units] * layers, scores_are="groups")
     if counts.channels:
         plan = prune_channels(plan, channel_scores, per_layer=[counts.channels] * layers)

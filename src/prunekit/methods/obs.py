@@ -53,7 +53,10 @@ def prepare_hessian(
         report.notes.append(f"Cholesky failed at damping {report.damping:g}; retrying with {report.damping * 10:g}")
         report.damping *= 10
         report.retries = attempt + 1
-    raise PrunekitError(f"Hessian is not positive definite even with damping {report.damping:g}; check calibration data")
+    raise PrunekitError(
+        "Hessian is not positive definite even with damping "
+        f"{report.damping:g}; check calibration data"
+    )
 
 
 def inverse(hessian: torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,9 @@ def _inverse_from_cholesky(factor: torch.Tensor) -> torch.Tensor:
     return lower_inverse.T @ lower_inverse
 
 
-def eliminate_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor, columns: list[int], live: list[int]) -> float:
+def eliminate_columns(
+    weight: torch.Tensor, hessian_inverse: torch.Tensor, columns: list[int], live: list[int]
+) -> float:
     """Remove ``columns`` from ``weight`` (in place) and compensate the ``live`` columns; returns the error.
 
     ``hessian_inverse`` is the inverse of the current (decoupled) Hessian. The columns are eliminated in the given

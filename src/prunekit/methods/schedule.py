@@ -78,7 +78,8 @@ def unit_counts(
     channel_weights = 3 * d
     if not match_parameters:
         return LayerCounts(units, min(adapter.intermediate_size - 1, round(ratio * adapter.intermediate_size)))
-    layer_weights = (2 * adapter.num_heads + 2 * adapter.num_kv_heads) * d * dh + adapter.intermediate_size * channel_weights
+    attention_weights = (2 * adapter.num_heads + 2 * adapter.num_kv_heads) * d * dh
+    layer_weights = attention_weights + adapter.intermediate_size * channel_weights
     remaining = ratio * layer_weights - units * unit_weights
     channels = round(remaining / channel_weights)
     return LayerCounts(units, max(0, min(adapter.intermediate_size - 1, channels)))

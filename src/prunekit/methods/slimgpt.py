@@ -91,7 +91,9 @@ def slimgpt(
             counts = unit_counts(ratios[index], adapter, q_head_mode, settings["match_parameters"])
             entry: dict[str, Any] = {"layer": index, "ratio": round(ratios[index], 5)}
             if counts.attention_units:
-                entry["attention"] = _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings)
+                entry["attention"] = _prune_attention_layer(
+                    runner, index, layer, adapter, plan, counts, q_head_mode, settings
+                )
                 runner.finish_branch(index, "attention")
             else:
                 runner.run_branch(index, "attention")

@@ -4,4 +4,6 @@ from prunekit.models.adapters import SUPPORTED_MODEL_TYPES, ArchAdapter, adapter
 from prunekit.models.bundled import BUNDLED, DEFAULT_MODEL
 from prunekit.models.loading import load_model, parse_dtype
 
-__all__ = ["BUNDLED", "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "ArchAdapter", "adapter_for", "load_model", "parse_dtype"]
+__all__ = [
+    "BUNDLED", "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "ArchAdapter", "adapter_for", "load_model", "parse_dtype",
+]
