@@ -14,6 +14,7 @@ from prunekit.methods.depth_search import (
     MLP,
     BranchStack,
     Unit,
+    _step_line,
     plan_from_units,
     removal_ratios,
     run_step,
@@ -275,3 +276,17 @@ def test_schedule_records_counts_timings_and_ratios():
     assert schedule["ratio_all"][1:] == [pytest.approx(removal_ratios(adapter_for(model), [
         Unit(kind, layer) for kind, layer in schedule["order"][:k]])[0]) for k in (1, 2)]
     json.dumps(schedule, allow_nan=False)
+
+
+@pytest.mark.parametrize(("runner_up", "margin", "exact", "expected"), [
+    (["attn", 6], 0.0038, True, ", runner-up attn 6 +0.0038"),
+    (["layer", 3], 0.0057, False, ", runner-up layer 3 >= +0.0057"),
+    (None, 0.0013, False, ", every other candidate abandoned, margin >= +0.0013"),
+    (None, None, True, ""),
+])
+def test_step_line_names_the_margin_even_when_every_other_candidate_was_abandoned(runner_up, margin, exact, expected):
+    record = {"unit": ["layer", 25], "ppl": 12.8989, "runner_up": runner_up, "margin": margin, "margin_exact": exact,
+              "ratio_all": 0.0526, "seconds": 731.5, "branch_executions": 43094, "head_executions": 218,
+              "abandoned": 26, "candidates": 27}
+    line = _step_line("sleb", 2, record)
+    assert line.startswith(f"sleb step 2: remove layer 25 -> calibration ppl 12.8989{expected}; ratio_all 5.26%;")

@@ -765,14 +765,21 @@ def _finite(value: float | None) -> float | None:
 
 
 def _step_line(method: str, step: int, record: dict[str, Any]) -> str:
-    runner = record["runner_up"]
-    margin = "" if runner is None else (f", runner-up {runner[0]} {runner[1]} "
-                                        f"{'+' if record['margin_exact'] else '>= +'}{record['margin'] or 0:.4f}")
     return (f"{method} step {step}: remove {record['unit'][0]} {record['unit'][1]} -> calibration ppl "
-            f"{record['ppl']:.4f}{margin}; ratio_all {record['ratio_all']:.2%}; {record['seconds']:.1f} s, "
-            f"{record['branch_executions']} branch + {record['head_executions']} head runs"
+            f"{record['ppl']:.4f}{_margin_note(record)}; ratio_all {record['ratio_all']:.2%}; "
+            f"{record['seconds']:.1f} s, {record['branch_executions']} branch + {record['head_executions']} head runs"
             f"{_carried_note(record.get('carry_executions', 0))}, "
             f"{record['abandoned']}/{record['candidates']} abandoned")
+
+
+def _margin_note(record: dict[str, Any]) -> str:
+    """The runner-up and its margin; with every other candidate abandoned, only the margin's lower bound."""
+    if record["margin"] is None:
+        return ""
+    sign = "+" if record["margin_exact"] else ">= +"
+    runner = record["runner_up"]
+    who = f"runner-up {runner[0]} {runner[1]}" if runner is not None else "every other candidate abandoned, margin"
+    return f", {who} {sign}{record['margin']:.4f}"
 
 
 def _carried_note(windows: int) -> str:
