@@ -29,8 +29,7 @@ import prunekit
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.speed import machine_info
-from prunekit.methods import method_info
-from prunekit.models.adapters import adapter_for
+from prunekit.methods import Target, method_info
 from prunekit.report import console_summaries, format_table
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "blockpruner-golden"
@@ -63,12 +62,11 @@ def run(mode: str, max_new_steps: int) -> None:
     # Written now and again at the end, so that a killed invocation still leaves its start and machine load behind.
     log_path.write_text(json.dumps(sessions, indent=2) + "\n")
     model, tokenizer = prunekit.load_model("smollm2-135m", dtype="float32")
-    info = method_info("blockpruner")
-    settings = {**info.defaults, **MODES[mode], "blocks": 12, "state_path": str(RESULTS / f"{mode}-state.json"),
-                "max_steps": max_new_steps}
     started = time.perf_counter()
     try:
-        info.function(model, adapter_for(model), None, golden_windows(tokenizer), progress=True, **settings)
+        method_info("blockpruner").apply_to(model, Target(blocks=12), golden_windows(tokenizer),
+                                            state_path=RESULTS / f"{mode}-state.json", max_steps=max_new_steps,
+                                            **MODES[mode])
     except PrunekitError as error:  # a pause after --max-new-steps
         print(error)
     session["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -31,8 +31,8 @@ import prunekit
 from prunekit.data import calibration_windows, evaluation_windows
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.speed import machine_info
-from prunekit.methods import method_info
-from prunekit.methods.depth_search import LAYER, Unit, plan_from_units, removal_ratios
+from prunekit.methods import Target, method_info
+from prunekit.methods.depth import LAYER, Unit, plan_from_units, removal_ratios
 from prunekit.methods.shortgpt import layer_influence
 from prunekit.models.adapters import adapter_for
 from prunekit.report import console_summaries, format_table
@@ -144,11 +144,10 @@ def _plans(dense, adapter, windows, size: int, search: dict, variant: str = "", 
 def _search(method: str, dense, adapter, windows, size: int, blocks: int, search: dict,
             state: str | None = None) -> dict | None:
     """The method's nested schedule with ``blocks`` steps, or None while the (resumable) search is paused."""
-    info = method_info(method)
     state = state or f"{method}-{size}"
-    settings = {**info.defaults, **search, "blocks": blocks, "state_path": str(STATES / f"{state}-state.json")}
     try:
-        _, artifacts = info.function(dense, adapter, None, windows, progress=True, **settings)
+        artifacts = method_info(method).apply_to(dense, Target(blocks=blocks), windows, state_path=STATES /
+                                                 f"{state}-state.json", **search).artifacts
     except PrunekitError as error:
         print(f"{method} at {size} tokens: {error}")
         return None

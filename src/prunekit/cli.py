@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_prune_parsers(commands) -> None:
-    commands.add_parser("methods", help="list the pruning methods and their options",
-                        description="List every registered pruning method with its options and their defaults.")
+    methods = commands.add_parser("methods", help="list the pruning methods and their options",
+                                  description="List every registered pruning method: what it prunes, what it needs, "
+                                  "and every option with its type, default and help.")
+    methods.add_argument("--all", action="store_true", help="also list internal tuning options")
     prune = commands.add_parser(
         "prune", help="prune a model and save the checkpoint",
         description="Calibrate, prune with --method to --ratio, materialise (weights really shrink), measure "
@@ -262,13 +263,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from prunekit.methods import available_methods
+    from prunekit.report.methods import describe_methods
 
-    for info in available_methods().values():
-        calibration = f"calibration {info.calibration_tokens} tokens x {info.calibration_seqlen}" if \
-            info.needs_calibration else "no calibration"
-        print(f"{info.name}: {info.description} ({calibration})")
-        for key, value in info.defaults.items():
-            print(f"    --option {key}={value}")
+    print(describe_methods(available_methods().values(), show_internal=args.all))
     return 0
 
 
@@ -287,12 +284,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
     from prunekit.methods import method_info, prune
-    from prunekit.methods.run import _merge_options
 
     info = method_info(args.method)
     options = _parse_options(args.option)
     state_path = _prune_target(args, info, options)
-    _merge_options(info.name, info.defaults, options)
+    info.configure(options)  # every option checked before the model loads
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
@@ -300,7 +296,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     seqlen = _cap_seqlen(model, args.seqlen or info.calibration_seqlen)
     calibration = None
-    if info.needs_calibration:
+    if info.capabilities.needs_calibration:
         same_as_eval = not args.no_eval and Path(args.calib).resolve() == Path(args.eval).resolve()
         split = "all" if Path(args.calib).is_file() and not same_as_eval else "calibration"
         calibration = calibration_windows(tokenizer, args.calib, args.calib_tokens or info.calibration_tokens,
@@ -310,7 +306,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(model, args.eval_seqlen or seqlen),
                                         args.eval_tokens, args.bos)
     result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
-                   not args.no_progress, blocks=args.blocks, **options)
+                   not args.no_progress, blocks=args.blocks, state_path=state_path, **options)
     result.save(args.out, overwrite=args.overwrite)
     if state_path is not None:
         state_path.unlink(missing_ok=True)  # the checkpoint's schedule artifact now holds the same steps
@@ -324,37 +320,33 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Path | None:
-    """Check --ratio / --blocks (``resolve_target``) and --block-type against the method; move --block-type
-    into ``options``.
+    """Check --ratio / --blocks against the method (``resolve_target``) and move --block-type into ``options``.
 
-    Returns, for resumable searches, the state file kept beside --out while the search runs (rerunning the same
+    Returns, for resumable methods, the state file kept beside --out while the method runs (rerunning the same
     command continues from it; it is deleted once the checkpoint is saved).
     """
-    from prunekit.methods.run import resolve_target
+    from prunekit.methods import resolve_target
 
-    resolve_target(info, args.ratio, args.ratio_of, args.blocks, dict(options))  # fails before the model loads
+    resolve_target(info, args.ratio, args.ratio_of, args.blocks)  # fails before the model loads
     if args.block_type is not None:
-        if "block_type" not in info.defaults:
-            raise PrunekitError(f"--block-type applies to blockpruner, not to '{info.name}'")
+        if "block_type" not in {spec.name for spec in info.config.options()}:
+            raise PrunekitError(f"--block-type sets the option block_type, which '{info.name}' does not have")
         options["block_type"] = args.block_type
-    state_path = None
-    if "state_path" in info.defaults and "state_path" not in options:
-        out = args.out.absolute()
-        state_path = out.with_name(f"{out.name}.{info.name}-state.json")
-        options["state_path"] = str(state_path)
-    return state_path
+    if not info.capabilities.resumable:
+        return None
+    out = args.out.absolute()
+    return out.with_name(f"{out.name}.{info.name}-state.json")
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.structure.params import measured_ratios
-    from prunekit.structure.plan import PruningPlan
 
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
     if not args.plan.is_file():
         raise PrunekitError(f"--plan {args.plan} does not exist")
-    plan = PruningPlan.from_json(args.plan.read_text())
+    plan = _plan_to_apply(args.plan)
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     adapter = prunekit.adapter_for(model)
     prunekit.apply_plan(model, plan)
@@ -364,6 +356,29 @@ def _cmd_save(args: argparse.Namespace) -> int:
     print(f"saved {args.out}: {counts['pruned_parameters']:,} parameters, ratio_all {counts['ratio_all']:.2%}, "
           f"ratio_layers {counts['ratio_layers']:.2%}")
     return 0
+
+
+def _plan_to_apply(path: Path):
+    """The plan in ``path`` (a plan JSON, or a checkpoint's prunekit.json holding one), if a plan alone can
+    reproduce its model: a weight-editing method's plan is refused (its checkpoint is the model)."""
+    from prunekit.methods import available_methods
+    from prunekit.structure.plan import PLAN_FORMAT, PruningPlan
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PrunekitError(f"--plan {path} is not readable JSON ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data.get("format") != PLAN_FORMAT:
+        data = data["plan"]  # a checkpoint's prunekit.json
+    plan = PruningPlan.from_dict(data)
+    method = available_methods().get(plan.method)
+    edited = plan.weights_edited if plan.weights_edited is not None else bool(
+        method and method.capabilities.edits_weights)
+    if edited:
+        raise PrunekitError(f"--plan {path} comes from '{plan.method}', which edits the kept weights: the plan alone "
+                            "cannot reproduce its model; use the checkpoint it came from (--model CHECKPOINT_DIR)")
+    plan.weights_edited = False
+    return plan
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -402,10 +417,9 @@ def _cap_seqlen(model, seqlen: int) -> int:
 
 def _write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically, so an interrupted run never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(staging, path)
+    from prunekit._atomic import write_json_atomic
+
+    write_json_atomic(path, payload, indent=2)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.data.windows import TokenWindows
-from prunekit.methods import method_info
-from prunekit.models.adapters import adapter_for
+from prunekit.methods import Target, method_info
 from tests.conftest import make_tiny_model
 
 SEQLEN = 20  # longer than Gemma3's tiny sliding window (16), so local and global masks both matter
@@ -37,11 +36,11 @@ def sampled_windows(model, count: int = 8, seqlen: int = SEQLEN, seed: int = 0) 
     return TokenWindows(ids, "sampled", "all", seqlen, "none", "sequential", None, ids.numel())
 
 
-def run_method(name: str, model, windows, target=None, **options):
-    """Call a registered method's function directly with its defaults; returns (plan, artifacts)."""
-    info = method_info(name)
-    settings = {**info.defaults, **options}
-    return info.function(model, adapter_for(model), target, windows, progress=False, **settings)
+def run_method(name: str, model, windows, target=None, blocks=None, **options):
+    """Run a registered method on ``model`` (its defaults under ``options``); returns (plan, artifacts)."""
+    target = Target(blocks=blocks) if blocks is not None else target or Target()
+    result = method_info(name).apply_to(model, target, windows, progress=False, **options)
+    return result.plan, result.artifacts
 
 
 def schedule_of(name: str, model, windows, target=None, **options) -> dict:

@@ -9,16 +9,10 @@ import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.methods.base import Target
-from prunekit.methods.depth_search import (
-    ATTN,
-    MLP,
-    BranchStack,
-    Unit,
-    _step_line,
-    plan_from_units,
-    removal_ratios,
-    run_step,
-)
+from prunekit.methods.depth import ATTN, MLP, Unit, plan_from_units, removal_ratios
+from prunekit.methods.depth.report import step_line
+from prunekit.methods.depth.stack import BranchStack
+from prunekit.methods.depth.step import run_step
 from prunekit.models.adapters import adapter_for
 from prunekit.structure.params import measured_ratios, predicted_ratios
 from tests.conftest import FAMILIES
@@ -229,10 +223,10 @@ def test_block_type_restricts_the_candidates():
     [
         ({"blocks": 7}, None, "more than the 6 sub-blocks"),
         ({"block_type": "attn"}, Target(0.9), "out of reach"),
-        ({"block_type": "ffn", "blocks": 1}, None, "unknown block_type 'ffn'"),
-        ({"search": "quick", "blocks": 1}, None, "unknown search 'quick'"),
-        ({"max_steps": 1, "blocks": 2}, None, "needs state_path"),
-        ({}, None, "give a ratio target or a number of blocks"),
+        ({"block_type": "ffn", "blocks": 1}, None, "block_type='ffn' .* takes one of mix, attn, mlp"),
+        ({"search": "quick", "blocks": 1}, None, "search='quick' .* takes one of fast, prefix, plain"),
+        ({"max_steps": 1, "blocks": 2}, None, "needs a state file"),
+        ({}, None, "give either --ratio or --blocks"),
     ],
 )
 def test_bad_settings_fail_with_one_line(options, target, pattern):
@@ -288,5 +282,5 @@ def test_step_line_names_the_margin_even_when_every_other_candidate_was_abandone
     record = {"unit": ["layer", 25], "ppl": 12.8989, "runner_up": runner_up, "margin": margin, "margin_exact": exact,
               "ratio_all": 0.0526, "seconds": 731.5, "branch_executions": 43094, "head_executions": 218,
               "abandoned": 26, "candidates": 27}
-    line = _step_line("sleb", 2, record)
+    line = step_line("sleb", 2, record)
     assert line.startswith(f"sleb step 2: remove layer 25 -> calibration ppl 12.8989{expected}; ratio_all 5.26%;")

@@ -9,7 +9,7 @@ import torch
 
 import prunekit
 from prunekit.cli import main
-from prunekit.methods.depth_search import Unit, plan_from_units
+from prunekit.methods.depth import Unit, plan_from_units
 from tests.methods.depth_helpers import peaked_model
 
 
@@ -58,16 +58,15 @@ def test_blockpruner_cli_writes_the_schedule_and_the_checkpoint_reloads(capsys, 
 
 def test_rerunning_a_paused_command_resumes_the_search(capsys, tmp_path, model_dir):
     out = tmp_path / "resumed"
-    state = tmp_path / "resumed.blockpruner-state.json"
+    state = tmp_path / "resumed.blockpruner-state.json"  # the resumable method's state file, beside --out
     code, _, err = _prune(capsys, model_dir, out, "--method", "blockpruner", "--blocks", "3",
-                          "--option", f"state_path={state}", "--option", "max_steps=2")
+                          "--option", "max_steps=2")
     assert code == 2 and "paused after 2 new steps" in _error_line(err)
-    assert len(json.loads(state.read_text())["steps"]) == 2
-    code, _, err = _prune(capsys, model_dir, out, "--method", "blockpruner", "--blocks", "3",
-                          "--option", f"state_path={state}")
+    assert len(json.loads(state.read_text())["steps"]) == 2 and not out.exists()
+    code, _, err = _prune(capsys, model_dir, out, "--method", "blockpruner", "--blocks", "3")
     assert code == 0, err
     assert json.loads((out / "blockpruner_schedule.json").read_text())["resumed_at_steps"] == [2]
-    assert state.exists()  # a state file the user named is left alone
+    assert not state.exists()  # the checkpoint's schedule holds the same steps
     fresh = tmp_path / "fresh"
     assert _prune(capsys, model_dir, fresh, "--method", "blockpruner", "--blocks", "3")[0] == 0
     order = json.loads((fresh / "blockpruner_schedule.json").read_text())["order"]
@@ -91,7 +90,7 @@ def test_layer_methods_cli(capsys, tmp_path, model_dir, method, artifact):
         (["--method", "blockpruner"], "required: --ratio or --blocks"),
         (["--method", "magnitude"], "required: --ratio"),
         (["--method", "magnitude", "--blocks", "2"], "--blocks applies to the depth methods"),
-        (["--method", "sleb", "--blocks", "1", "--block-type", "attn"], "--block-type applies to blockpruner"),
+        (["--method", "sleb", "--blocks", "1", "--block-type", "attn"], "which 'sleb' does not have"),
         (["--method", "blockpruner", "--blocks", "2", "--block-type", "ffn"], "invalid choice: 'ffn'"),
         (["--method", "blockpruner", "--blocks", "0"], "--blocks: must be at least 1"),
         (["--method", "blockpruner", "--blocks", "99"], "more than the 8 sub-blocks"),

@@ -6,7 +6,7 @@ from prunekit.data import calibration_windows, evaluation_windows
 from prunekit.methods import prune
 from prunekit.methods.base import Target
 from prunekit.methods.obs import prepare_hessian
-from prunekit.methods.slimgpt import _greedy_units, dgs_group_sizes, layer_ratios
+from prunekit.methods.slimgpt import SlimGPTConfig, _greedy_units, dgs_group_sizes, layer_ratios_for
 from prunekit.models.adapters import adapter_for
 from tests.conftest import make_tiny_model
 
@@ -58,7 +58,7 @@ def test_compensation_lowers_layer_output_error(tiny_tokenizer, windows):
         model(windows[0].input_ids[:4])
     handle.remove()
     inputs = torch.cat(captured)
-    settings = {"exact_ranking": False, "compensate": True, "inverse_update": "reinvert"}
+    settings = SlimGPTConfig()
     weight = o_proj.weight.detach().clone()
     hessian, _, _ = prepare_hessian(statistics["o_proj"].hessian(), weight, 0.01)
     removed, _ = _greedy_units(weight, hessian, 16, 2, settings)
@@ -103,9 +103,8 @@ def test_dgs_released_schedule():
 
 def test_layer_ratios_uniform_and_log(tiny_tokenizer):
     adapter = adapter_for(make_tiny_model("llama", layers=4))
-    uniform = layer_ratios(adapter, Target(0.3, "linear"), {"schedule": "uniform"})
-    log_settings = {"schedule": "log_increase", "first_ratio": 0.0, "ratio_cap": 0.9}
-    log = layer_ratios(adapter, Target(0.3, "linear"), log_settings)
+    uniform = layer_ratios_for(adapter, Target(0.3, "linear"), SlimGPTConfig(schedule="uniform"))
+    log = layer_ratios_for(adapter, Target(0.3, "linear"), SlimGPTConfig())
     assert uniform == [0.3] * 4 and log[0] == 0.0 and sum(log) / 4 == pytest.approx(0.3)
 
 

@@ -3,18 +3,16 @@
 import pytest
 
 from prunekit.models.adapters import adapter_for
+from prunekit.structure.costs import CHANNEL, KV_GROUP, QUERY_HEAD, UnitCosts
 from prunekit.structure.gqa import prune_channels, prune_kv_groups, prune_q_heads
 from prunekit.structure.materialize import apply_plan
 from prunekit.structure.params import (
-    channel_parameters,
     count_parameters,
     counted_parameters,
     dense_parameter_counts,
-    kv_group_parameters,
     measured_ratios,
     plan_parameter_counts,
     predicted_ratios,
-    query_head_parameters,
 )
 from prunekit.structure.plan import PruningPlan
 from tests.conftest import FAMILIES, TINY_VOCAB, make_tiny_model
@@ -74,10 +72,13 @@ def test_unit_weights_match_predicted_differences(variant):
     total = plan_parameter_counts(base, adapter).total
     ones = [[1.0] * 8] * 3
     one_group = prune_kv_groups(base, ones, per_layer=[1, 0, 0])
-    assert total - plan_parameter_counts(one_group, adapter).total == kv_group_parameters(adapter)
-    assert kv_group_parameters(adapter, include_bias=False) == 64 * 8 * (2 * 4 + 2)
+    costs = UnitCosts.of(adapter)
+    assert total - plan_parameter_counts(one_group, adapter).total == costs.parameters(KV_GROUP)
+    assert costs.weights(KV_GROUP) == 64 * 8 * (2 * 4 + 2)
     one_per_group = prune_q_heads(base, ones, per_group=[1, 0, 0])  # one query head from each of the 2 groups
-    assert total - plan_parameter_counts(one_per_group, adapter).total == 2 * query_head_parameters(adapter)
+    assert total - plan_parameter_counts(one_per_group, adapter).total == 2 * costs.parameters(QUERY_HEAD)
     channels = prune_channels(base, [[0.0] * 96] * 3, total=5)
-    assert total - plan_parameter_counts(channels, adapter).total == 5 * channel_parameters(adapter)
-    assert channel_parameters(adapter, include_bias=False) == 3 * 64
+    assert total - plan_parameter_counts(channels, adapter).total == 5 * costs.parameters(CHANNEL)
+    assert costs.weights(CHANNEL) == 3 * 64
+    assert costs.cost(KV_GROUP, "linear") == costs.weights(KV_GROUP)
+    assert costs.cost(KV_GROUP, "all") - costs.weights(KV_GROUP) == (8 * 4 + 2 * 8 if adapter.attention_bias else 0)

@@ -149,21 +149,10 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
     Mirrors the tail of ``*ForCausalLM.forward`` so a layer-by-layer run can be scored without a full forward.
     """
-    return _softcap(model, model.get_output_embeddings()(model.model.norm(hidden)))
+    return softcap_logits(model, model.get_output_embeddings()(model.model.norm(hidden)))
 
 
-def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """Gemma's final logit soft-capping where the config asks for it (monotone, so subset bounds still hold)."""
+def softcap_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma's final logit soft-capping where the config asks for it (monotone and 1-Lipschitz)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
-
-
-def subset_logits(model: nn.Module, hidden: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
-    """The logits of :func:`head_logits` for the token ids ``vocabulary`` only (columns in that order).
-
-    A log-sum-exp over a subset of the vocabulary is a lower bound of the full one, so these give a cheap lower
-    bound of a next-token NLL when the target is in the subset (BlockPruner's screened early abandon).
-    """
-    head = model.get_output_embeddings()
-    bias = head.bias[vocabulary] if getattr(head, "bias", None) is not None else None
-    return _softcap(model, torch.nn.functional.linear(model.model.norm(hidden), head.weight[vocabulary], bias))

@@ -145,7 +145,7 @@ def load_pruned(
         raise PrunekitError(f"{config_path} has no base_config.model_type; not a prunekit checkpoint")
     config = AutoConfig.for_model(model_type, **base)
     model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
-    apply_plan(model, plan)
+    apply_plan(model, plan, edited_weights=True)  # every weight, edited or added, comes from the file next
     _load_weights_strictly(model, directory / WEIGHTS_NAME)
     model = model.to(device).eval()
     tokenizer = None

@@ -3,8 +3,32 @@
 Importing this package imports every method module, which registers it.
 """
 
-from prunekit.methods import blockpruner, magnitude, shortgpt, sleb, slimgpt  # noqa: F401  (importing registers the methods)
-from prunekit.methods.base import PruneResult, Target, available_methods, method_info, register
-from prunekit.methods.run import prune
+from prunekit.methods import blockpruner, magnitude, shortgpt, sleb, slimgpt  # noqa: F401  (importing registers them)
+from prunekit.methods.base import (
+    Capabilities,
+    Method,
+    MethodResult,
+    PruneContext,
+    Target,
+    available_methods,
+    method_info,
+    register,
+)
+from prunekit.methods.config import MethodConfig, option
+from prunekit.methods.run import PruneResult, prune, resolve_target
 
-__all__ = ["PruneResult", "Target", "available_methods", "method_info", "prune", "register"]
+__all__ = [
+    "Capabilities",
+    "Method",
+    "MethodConfig",
+    "MethodResult",
+    "PruneContext",
+    "PruneResult",
+    "Target",
+    "available_methods",
+    "method_info",
+    "option",
+    "prune",
+    "register",
+    "resolve_target",
+]

@@ -5,14 +5,14 @@ Every layer offers two units, its attention branch and its MLP branch (each with
 scores the calibration perplexity of the current model with every remaining unit removed in addition and removes
 the best one (strict '<' in canonical order, so ties keep the earliest unit); no look-ahead, no add-back. The
 search and its exact speed-ups (prefix cache, early abandon, ranked order) live in
-:mod:`prunekit.methods.depth_search`; the schedule (order, perplexity after every step, ratios, margins, timings,
+:mod:`prunekit.methods.depth`; the schedule (order, perplexity after every step, ratios, margins, timings,
 branch-run counts) is returned as the ``blockpruner_schedule.json`` artifact of the checkpoint.
 
 Departures from the paper, each an option with the toolkit default from the spec:
 - calibration is counted in tokens (default 4 windows x 2048 = 8,192 tokens of the project calibration corpus,
   one window per forward); the paper draws 256 Alpaca records.
 - fp32 model and fp32 log-softmax (the released code runs bf16 and casts logits late).
-- the candidates are compared by total NLL, not by rounded perplexity (see ``depth_search``).
+- the candidates are compared by total NLL, not by rounded perplexity (see ``methods.depth.search``).
 - ``--blocks K`` removes exactly K units; with a ratio target the smallest K reaching it is removed (``select=
   at_least``; the spec's ``closest`` is an option) and the search stops there (``extra_steps=0``; the spec's
   K_max adds 2 steps).
@@ -21,62 +21,40 @@ Departures from the paper, each an option with the toolkit default from the spec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import Target, register
-from prunekit.methods.depth_search import (
-    ATTN,
-    MLP,
-    SEARCH_DEFAULTS,
-    DepthSearch,
-    SearchOptions,
-    StopRule,
-    Unit,
-    greedy_search,
-)
+from prunekit.methods.base import DEPTH, Capabilities, MethodResult, PruneContext, register
+from prunekit.methods.config import option
+from prunekit.methods.depth import ATTN, MLP, DepthSearch, SearchConfig, Unit, greedy_search
 from prunekit.models.adapters import ArchAdapter
-from prunekit.structure.plan import PruningPlan
 
 BLOCK_TYPES = {"mix": (ATTN, MLP), "attn": (ATTN,), "mlp": (MLP,)}
 SCHEDULE_FILE = "blockpruner_schedule.json"
 
 
-@register(
-    "blockpruner",
-    needs_calibration=True,
-    description="greedy removal of attention / MLP sub-blocks by calibration perplexity (Zhong et al. 2024)",
-    calibration_tokens=4 * 2048,
-    calibration_seqlen=2048,
-    blocks=0,
-    block_type="mix",
-    select="at_least",
-    extra_steps=0,
-    protect_first_last=False,
-    **SEARCH_DEFAULTS,
-)
-def blockpruner(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    target: Target | None,
-    calibration: TokenWindows,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    **settings: Any,
-) -> tuple[PruningPlan, dict[str, Any]]:
-    """Search the removal schedule and return the plan for the chosen prefix plus the schedule artifact.
+@dataclass(frozen=True)
+class BlockPrunerConfig(SearchConfig):
+    block_type: str = option("mix", "candidate sub-blocks: attention and MLP (mix), attention only or MLP only",
+                             choices=tuple(BLOCK_TYPES))
+    protect_first_last: bool = option(False, "never remove the first and the last layer's sub-blocks")
 
-    ``blocks`` > 0 removes exactly that many sub-blocks and ignores ``target``; otherwise the smallest count
-    reaching ``target`` is removed. ``state_path`` makes the search resumable (``depth_search``).
+
+@register("blockpruner", config=BlockPrunerConfig,
+          capabilities=Capabilities(DEPTH, resumable=True, nested=True),
+          description="greedy removal of attention / MLP sub-blocks by calibration perplexity (Zhong et al. 2024)",
+          calibration_tokens=4 * 2048, calibration_seqlen=2048)
+def blockpruner(context: PruneContext) -> MethodResult:
+    """Search the removal schedule; return the plan for the chosen prefix and the schedule artifact.
+
+    ``--blocks K`` removes exactly K sub-blocks; a ratio target removes the count ``select`` chooses. A state file
+    (``context.state_path``) makes the search resumable (``methods.depth.state``).
     """
-    search = blockpruner_search(adapter, settings["block_type"], bool(settings["protect_first_last"]))
-    outcome = greedy_search(model, adapter, calibration, search, StopRule.from_settings(target, settings),
-                            SearchOptions.from_settings(settings), progress)
-    return outcome.plan(adapter), {SCHEDULE_FILE: outcome.schedule}
+    config: BlockPrunerConfig = context.config
+    search = blockpruner_search(context.adapter, config.block_type, config.protect_first_last)
+    outcome = greedy_search(context, search)
+    return MethodResult(outcome.plan(context.adapter), {SCHEDULE_FILE: outcome.schedule})
 
 
 def blockpruner_search(adapter: ArchAdapter, block_type: str = "mix", protect_first_last: bool = False) -> DepthSearch:

@@ -2,70 +2,58 @@
 
 Unit score = L2 norm of every weight removed with the unit: for a query head its q_proj rows and o_proj columns
 (a KV group adds its k_proj and v_proj rows); for an FFN channel its gate_proj and up_proj rows and its down_proj
-column. Uniform ratio in every layer, the same for heads and channels, no data. Per-layer unit counts are rounded
-exactly as SlimGPT rounds them, so ``magnitude`` and ``slimgpt --option schedule=uniform`` remove the same
-structures in number and differ only in which ones and in compensation.
+column. No data. The spec's allocation is the default: a uniform ratio in every layer, the same for heads and
+channels, with per-layer unit counts rounded exactly as SlimGPT rounds them, so ``magnitude`` and ``slimgpt
+--option schedule=uniform`` remove the same structures in number and differ only in which ones and in
+compensation. The shared allocator's other modes are options (``allocation=layer_range`` or ``global``); in
+``global`` the norms are standardised per layer and unit type before heads and channels compete.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from prunekit.data.windows import TokenWindows
-from prunekit.methods.base import Target, register
-from prunekit.methods.schedule import uniform_ratios, unit_counts
+from prunekit.methods.base import WIDTH, Capabilities, MethodResult, PruneContext, register
+from prunekit.methods.config import MethodConfig, option
 from prunekit.models.adapters import ArchAdapter
-from prunekit.structure.gqa import prune_channels, prune_kv_groups, prune_q_heads
+from prunekit.structure.allocation import ALLOCATIONS, ATTENTION_UNITS, UnitScores, allocate, resolve_attention_unit
 from prunekit.structure.plan import PruningPlan
 
 
-@register(
-    "magnitude",
-    needs_calibration=False,
-    description="L2 norm of each head / KV group / channel's weights, uniform per layer (data-free baseline)",
-    match_parameters=True,
-    attention_unit="auto",
-)
-def magnitude(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    target: Target,
-    calibration: TokenWindows | None,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    **settings: Any,
-) -> PruningPlan:
-    ratio = uniform_ratios(adapter.num_layers, target.layer_linear_ratio(adapter))[0]
-    q_head_mode = settings["attention_unit"] == "q_head" or (
-        settings["attention_unit"] == "auto" and adapter.num_kv_heads == 1
-    )
-    counts = unit_counts(ratio, adapter, q_head_mode, settings["match_parameters"])
-    head_scores, kv_scores, channel_scores = [], [], []
-    for layer in adapter.decoder_layers(model):
-        heads, kv, channels = unit_norms(layer, adapter)
-        head_scores.append(heads)
-        kv_scores.append(kv)
-        channel_scores.append(channels)
-    plan = PruningPlan.keep_all(adapter)
-    layers = adapter.num_layers
-    if counts.attention_units and q_head_mode:
-        plan = prune_q_heads(plan, head_scores, per_group=counts.attention_units)
-    elif counts.attention_units:
-        group_scores = [
-            _group_norms(heads, kv, adapter.heads_per_group) for heads, kv in zip(head_scores, kv_scores, strict=True)
-        ]
-        plan = prune_kv_groups(plan, group_scores, per_layer=[counts.attention_units] * layers, scores_are="groups")
-    if counts.channels:
-        plan = prune_channels(plan, channel_scores, per_layer=[counts.channels] * layers)
-    return plan
+@dataclass(frozen=True)
+class MagnitudeConfig(MethodConfig):
+    allocation: str = option("uniform", "how units are allocated across layers: uniform, log_increase, layer_range "
+                             "(LLM-Pruner's range) or global (all layers and both unit types ranked together)",
+                             choices=ALLOCATIONS)
+    match_parameters: bool = option(True, "per-layer modes: after rounding a layer's heads, set its channel count "
+                                    "so the layer's removed weights match its ratio")
+    attention_unit: str = option("auto", "kv_group (whole KV groups), q_head (query heads, k/v kept) or auto "
+                                 "(q_head for one-KV-head models)", choices=ATTENTION_UNITS)
+
+
+@register("magnitude", config=MagnitudeConfig, capabilities=Capabilities(WIDTH, needs_calibration=False),
+          description="L2 norm of each head / KV group / channel's weights, uniform per layer (data-free baseline)")
+def magnitude(context: PruneContext) -> MethodResult:
+    config: MagnitudeConfig = context.config
+    adapter = context.adapter
+    attention_unit = resolve_attention_unit(adapter, config.attention_unit)
+    attention, channels = [], []
+    for layer in adapter.decoder_layers(context.model):
+        heads, kv, channel_norms = unit_norms(layer, adapter)
+        attention.append(heads if attention_unit == "q_head" else _group_norms(heads, kv, adapter.heads_per_group))
+        channels.append(channel_norms)
+    target = context.target
+    plan = allocate(PruningPlan.keep_all(adapter), adapter, UnitScores(attention, channels),
+                    target.layer_linear_ratio(adapter), config.allocation, attention_unit,
+                    match_parameters=config.match_parameters, budget=(target.ratio, target.of))
+    return MethodResult(plan)
 
 
 def unit_norms(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums of squares per query head (q rows + o columns), per KV head (k + v rows) and per FFN channel."""
+    """L2 norm per query head (q rows + o columns), sum of squares per KV head (k + v rows), L2 norm per channel."""
     dh = adapter.head_dim
     attention, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
     q = attention["q_proj"].weight.float().pow(2).sum(dim=1).view(-1, dh).sum(dim=1)

@@ -18,6 +18,9 @@ import torch
 
 from prunekit.errors import PrunekitError
 
+# Damping 0 (the released SlimGPT command) cannot grow by x10; a failed Cholesky retries from this value instead.
+FIRST_DAMPING_FROM_ZERO = 1e-3
+
 
 @dataclass
 class DampingReport:
@@ -50,8 +53,9 @@ def prepare_hessian(
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and torch.isfinite(factor).all():
             return damped, _inverse_from_cholesky(factor), report
-        report.notes.append(f"Cholesky failed at damping {report.damping:g}; retrying with {report.damping * 10:g}")
-        report.damping *= 10
+        retry = report.damping * 10 if report.damping > 0 else FIRST_DAMPING_FROM_ZERO
+        report.notes.append(f"Cholesky failed at damping {report.damping:g}; retrying with {retry:g}")
+        report.damping = retry
         report.retries = attempt + 1
     raise PrunekitError(
         "Hessian is not positive definite even with damping "

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import PruneResult, Target, method_info
+from prunekit.methods.base import DEPTH, Method, PruneContext, Target, method_info
 from prunekit.models.adapters import adapter_for
+
+
+@dataclass
+class PruneResult:
+    """A pruned (materialised) model with everything needed to save and report it."""
+
+    model: nn.Module
+    tokenizer: Any
+    plan: Any
+    metrics: dict[str, Any]
+    # Extra JSON files a method leaves in the checkpoint, by file name (e.g. BlockPruner's removal schedule).
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        from prunekit.io.checkpoint import save_pruned
+
+        return save_pruned(self.model, self.tokenizer, directory, {"metrics": self.metrics}, overwrite=overwrite,
+                           artifacts=self.artifacts)
 
 
 def prune(
@@ -24,85 +44,56 @@ def prune(
     seed: int = 0,
     progress: bool = True,
     blocks: int | None = None,
+    state_path: str | Path | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` to ``ratio`` (or, for the depth methods, by ``blocks`` units)
-    and return the materialised result.
+    and return the materialised result. The model is put in eval mode.
 
     ``options`` override the method's hyperparameters (``prunekit methods`` lists them with their defaults).
     With ``evaluation`` windows, perplexity is measured before and after; they must not be calibration text.
+    ``state_path``: where a resumable method keeps its progress (a rerun with the same inputs continues).
     """
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.structure.materialize import apply_plan
     from prunekit.structure.params import measured_ratios
 
-    info = method_info(method)
-    target, goal = resolve_target(info, ratio, ratio_of, blocks, options)
-    settings = _merge_options(info.name, info.defaults, options)
-    if info.needs_calibration and calibration is None:
-        raise PrunekitError(f"method '{method}' needs calibration windows (prunekit.data.calibration_windows)")
+    spec = method_info(method)
+    target = resolve_target(spec, ratio, ratio_of, blocks)
+    config = spec.configure(options)
     adapter = adapter_for(model)
-    metrics: dict[str, Any] = {"target": goal}
+    model.eval()
+    metrics: dict[str, Any] = {"target": target.describe()}
     if evaluation is not None:
         metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
     started = time.perf_counter()
-    outcome = info.function(model, adapter, target, calibration, seed=seed, progress=progress, **settings)
-    # A method returns its plan, or (plan, artifacts) when it leaves extra files in the checkpoint.
-    plan, artifacts = outcome if isinstance(outcome, tuple) else (outcome, {})
-    plan.method, plan.settings, plan.seed = info.name, settings, seed
+    context = PruneContext(model, adapter, target, config, calibration, seed, progress,
+                           Path(state_path) if state_path else None)
+    outcome = spec(context)
+    plan = outcome.plan
+    plan.method, plan.settings, plan.seed = spec.name, config.to_dict(), seed
+    plan.weights_edited = spec.capabilities.edits_weights
     plan.calibration = calibration.describe() if calibration is not None else {}
-    apply_plan(model, plan)
+    apply_plan(model, plan, edited_weights=spec.capabilities.edits_weights)
     metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
     metrics["parameters"] = measured_ratios(model, adapter).to_dict()
     if evaluation is not None:
         metrics["perplexity_after"] = perplexity(model, evaluation, progress=progress).to_dict()
     plan.metrics = metrics
-    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=artifacts)
+    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=outcome.artifacts)
 
 
-def resolve_target(info, ratio: float | None, ratio_of: str, blocks: int | None,
-                   options: dict[str, Any]) -> tuple[Target | None, dict[str, Any]]:
-    """The method's target from ``ratio`` or ``blocks`` (exactly one); ``blocks`` goes into ``options``.
+def resolve_target(spec: Method, ratio: float | None, ratio_of: str = "all", blocks: int | None = None) -> Target:
+    """The method's target from ``ratio`` or ``blocks`` (exactly one).
 
     The CLI checks its flags with this too (before loading the model), so the messages name the flags.
     """
-    depth = "blocks" in info.defaults
+    depth = spec.capabilities.kind == DEPTH
     if ratio is not None and blocks is not None:
         raise PrunekitError("give either --ratio or --blocks, not both")
     if ratio is None and blocks is None:
         raise PrunekitError("the following arguments are required: --ratio"
                             + (" or --blocks (one of the two)" if depth else ""))
-    if blocks is None:
-        return Target(ratio, ratio_of), {"ratio": ratio, "of": ratio_of}
-    if not depth:
-        raise PrunekitError(f"--blocks applies to the depth methods (blockpruner, shortgpt, sleb), not to "
-                            f"'{info.name}'; use --ratio")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise PrunekitError(f"--blocks must be a positive whole number, got {blocks!r}")
-    options["blocks"] = blocks
-    return None, {"blocks": blocks}
-
-
-def _merge_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        known = ", ".join(sorted(defaults)) or "none"
-        raise PrunekitError(f"method '{method}' has no option '{unknown[0]}'; its options: {known}")
-    merged = dict(defaults)
-    for key, value in options.items():
-        merged[key] = _coerce(method, key, value, defaults[key])
-    return merged
-
-
-def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
-    """Options given as text on the command line take the type of their default."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        return type(default)(value)
-    except ValueError:
-        raise PrunekitError(f"option {key}={value!r} of '{method}' must be a {type(default).__name__}") from None
+    target = Target(ratio, ratio_of) if blocks is None else Target(blocks=blocks)
+    spec.check_target(target)
+    return target

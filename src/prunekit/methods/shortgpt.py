@@ -16,7 +16,7 @@ like BI (the contiguous-block form is not implemented).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,39 +25,34 @@ from torch import nn
 from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import Target, register
-from prunekit.methods.depth_search import LAYER, StopRule, Unit, plan_from_units, removal_ratios
+from prunekit.methods.base import DEPTH, Capabilities, MethodResult, PruneContext, register
+from prunekit.methods.config import MethodConfig, option
+from prunekit.methods.depth import LAYER, StopRule, Unit, plan_from_units, removal_ratios
+from prunekit.methods.depth.units import SELECT_MODES
 from prunekit.models.adapters import ArchAdapter
-from prunekit.structure.plan import PruningPlan
 
 METRICS = ("bi", "angular")
 SCORES_FILE = "shortgpt_scores.json"
 
 
-@register(
-    "shortgpt",
-    needs_calibration=True,
-    description="one-shot removal of the layers with the lowest Block Influence (Men et al. 2024)",
-    calibration_tokens=32 * 512,
-    calibration_seqlen=512,
-    blocks=0,
-    select="at_least",
-    metric="bi",
-    batch_size=8,
-)
-def shortgpt(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    target: Target | None,
-    calibration: TokenWindows,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    **settings: Any,
-) -> tuple[PruningPlan, dict[str, Any]]:
-    """Score every layer once and remove the lowest-scoring ones; ``blocks`` > 0 fixes their number."""
-    rule = StopRule.from_settings(target, settings)
-    scores = layer_influence(model, adapter, calibration, settings["metric"], int(settings["batch_size"]), progress)
+@dataclass(frozen=True)
+class ShortGPTConfig(MethodConfig):
+    select: str = option("at_least", "with --ratio: remove the smallest count reaching it (at_least) or the count "
+                         "whose ratio is closest (closest)", choices=SELECT_MODES)
+    metric: str = option("bi", "layer score: Block Influence 1 - cos (bi) or arccos(cos) / pi (angular)",
+                         choices=METRICS)
+    batch_size: int = option(8, "calibration windows per forward pass", minimum=1)
+
+
+@register("shortgpt", config=ShortGPTConfig, capabilities=Capabilities(DEPTH, nested=True),
+          description="one-shot removal of the layers with the lowest Block Influence (Men et al. 2024)",
+          calibration_tokens=32 * 512, calibration_seqlen=512)
+def shortgpt(context: PruneContext) -> MethodResult:
+    """Score every layer once and remove the lowest-scoring ones; ``--blocks K`` fixes their number."""
+    config: ShortGPTConfig = context.config
+    adapter, calibration = context.adapter, context.windows("shortgpt")
+    rule = StopRule.from_target(context.target, config.select)
+    scores = layer_influence(context.model, adapter, calibration, config.metric, config.batch_size, context.progress)
     order = [Unit(LAYER, layer) for layer in sorted(range(adapter.num_layers), key=lambda i: (scores[i], i))]
     removable = order[:-1]  # keep at least one layer
     rule.check_reachable(adapter, removable, "layers")
@@ -65,13 +60,13 @@ def shortgpt(
     chosen = rule.selected(ratios)
     removed = sorted(unit.layer for unit in removable[:chosen])
     artifact = {
-        "method": "shortgpt", "metric": settings["metric"], "scores": scores,
+        "method": "shortgpt", "metric": config.metric, "scores": scores,
         "order": [unit.layer for unit in order], "removed": removed, "target": rule.describe(),
         "ratio_all": ratios[chosen][0], "ratio_layers": ratios[chosen][1],
         "calibration": {"windows": calibration.num_windows, "seqlen": calibration.seqlen,
                         "tokens": calibration.num_tokens},
     }
-    return plan_from_units(adapter, removable[:chosen]), {SCORES_FILE: artifact}
+    return MethodResult(plan_from_units(adapter, removable[:chosen]), {SCORES_FILE: artifact})
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ layers by calibration loss.
 Each round scores every alive layer except the first and the last alive one (``keep_first`` / ``keep_last``,
 default 1 / 1) by the total NLL of the calibration tokens with that layer removed too, and removes the argmin; all
 layers are re-scored every round. It is BlockPruner's search at layer granularity, so it runs on the same engine
-(:mod:`prunekit.methods.depth_search`) with the same exact prefix cache and early abandon (the spec: "the
+(:mod:`prunekit.methods.depth`) with the same exact prefix cache and early abandon (the spec: "the
 BlockPruner speed-ups apply unchanged"); the schedule is the ``sleb_schedule.json`` artifact.
 
 Departures from the reference code, each an option: calibration counted in tokens (default 4 x 2048 of the
@@ -15,56 +15,32 @@ not from a share of the layers; ties keep the earliest layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import Target, register
-from prunekit.methods.depth_search import (
-    LAYER,
-    SEARCH_DEFAULTS,
-    DepthSearch,
-    SearchOptions,
-    StopRule,
-    Unit,
-    greedy_search,
-)
+from prunekit.methods.base import DEPTH, Capabilities, MethodResult, PruneContext, register
+from prunekit.methods.config import option
+from prunekit.methods.depth import LAYER, DepthSearch, SearchConfig, Unit, greedy_search
 from prunekit.models.adapters import ArchAdapter
-from prunekit.structure.plan import PruningPlan
 
 SCHEDULE_FILE = "sleb_schedule.json"
 
 
-@register(
-    "sleb",
-    needs_calibration=True,
-    description="greedy removal of whole layers by calibration loss, re-scored every round (Song et al. 2024)",
-    calibration_tokens=4 * 2048,
-    calibration_seqlen=2048,
-    blocks=0,
-    select="at_least",
-    extra_steps=0,
-    keep_first=1,
-    keep_last=1,
-    **SEARCH_DEFAULTS,
-)
-def sleb(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    target: Target | None,
-    calibration: TokenWindows,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    **settings: Any,
-) -> tuple[PruningPlan, dict[str, Any]]:
-    """Search the layer-removal schedule; ``blocks`` > 0 removes exactly that many layers and ignores ``target``."""
-    search = sleb_search(adapter, int(settings["keep_first"]), int(settings["keep_last"]))
-    outcome = greedy_search(model, adapter, calibration, search, StopRule.from_settings(target, settings),
-                            SearchOptions.from_settings(settings), progress)
-    return outcome.plan(adapter), {SCHEDULE_FILE: outcome.schedule}
+@dataclass(frozen=True)
+class SLEBConfig(SearchConfig):
+    keep_first: int = option(1, "never remove this many first alive layers (the spec's barrier)", minimum=0)
+    keep_last: int = option(1, "never remove this many last alive layers (the spec's barrier)", minimum=0)
+
+
+@register("sleb", config=SLEBConfig, capabilities=Capabilities(DEPTH, resumable=True, nested=True),
+          description="greedy removal of whole layers by calibration loss, re-scored every round (Song et al. 2024)",
+          calibration_tokens=4 * 2048, calibration_seqlen=2048)
+def sleb(context: PruneContext) -> MethodResult:
+    """Search the layer-removal schedule; ``--blocks K`` removes exactly K layers."""
+    config: SLEBConfig = context.config
+    outcome = greedy_search(context, sleb_search(context.adapter, config.keep_first, config.keep_last))
+    return MethodResult(outcome.plan(context.adapter), {SCHEDULE_FILE: outcome.schedule})
 
 
 def sleb_search(adapter: ArchAdapter, keep_first: int = 1, keep_last: int = 1) -> DepthSearch:

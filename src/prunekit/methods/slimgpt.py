@@ -9,11 +9,16 @@ runs once: pruning changes only o_proj / down_proj, so the branch output is reco
 ratios follow the Incremental Pruning Ratio (log-increasing) schedule, solved so the global ratio hits the target.
 
 Departures from the paper, each an option with the toolkit default from the method spec:
-- ``r_0 = 0`` and ``r_last`` solved (the paper states neither); ``log(n)`` for the model's depth.
+- ``r_0 = 0`` and ``r_last`` solved (the paper states neither); ``log(n)`` for the model's depth. The released code
+  prunes LLaMA-7B to 20% with both ends given (``--min_sparsity 0.0625 --max_sparsity 0.25``, damping 0): the
+  options ``first_ratio=0.0625 last_ratio=0.25 damping=0`` reproduce that schedule. The default stays the spec's
+  rule because it hits any target on any depth, while the released pair is a recipe for 20% of 32 layers (its mean
+  must match the target within one point, else a one-line error). ``first_ratio`` above the target is an error.
 - ``match_parameters``: after rounding a layer's attention units, its channel count is set so the layer's removed
   weights match ``r_l`` (with 3 KV groups per layer, rounding heads alone is far off). ``False``: paper behaviour.
 - DGS follows the released schedule (floor 64 channels per step), not the paper's text (down to 8).
-- Damping 0.01·mean(diag H), ×10 on a Cholesky failure (not stated in the paper); retries are reported.
+- Damping 0.01·mean(diag H), ×10 on a Cholesky failure (not stated in the paper; from 0, the first retry uses
+  0.001); retries are reported.
 - ``inverse_update="downdate"`` (off by default; the paper re-inverts H every step) obtains the next inverse by
   a Schur-complement downdate: the same result up to rounding, several times faster on CPU.
 - ``exact_ranking`` (off by default) ranks units by their true joint removal cost instead of the paper's
@@ -25,15 +30,16 @@ Departures from the paper, each an option with the toolkit default from the meth
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.calibration.runner import LayerwiseRunner
-from prunekit.data.windows import TokenWindows
+from prunekit.calibration.store import OFFLOAD_MODES
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import Target, register
+from prunekit.methods.base import Capabilities, MethodResult, PruneContext, Target, register
+from prunekit.methods.config import MethodConfig, option
 from prunekit.methods.obs import (
     decouple,
     downdate_inverse,
@@ -42,88 +48,88 @@ from prunekit.methods.obs import (
     prepare_hessian,
     unit_errors,
 )
-from prunekit.methods.schedule import log_increasing_ratios, uniform_ratios, unit_counts
 from prunekit.models.adapters import ArchAdapter
+from prunekit.structure.allocation import ATTENTION_UNITS, layer_counts, resolve_attention_unit
 from prunekit.structure.plan import PruningPlan
+from prunekit.structure.schedules import RATIO_CAP, layer_ratios
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("log_increase", "uniform")
-ATTENTION_UNITS = ("auto", "kv_group", "q_head")
+
+@dataclass(frozen=True)
+class SlimGPTConfig(MethodConfig):
+    schedule: str = option("log_increase", "per-layer ratios: log_increase (the paper's Incremental Pruning Ratio) "
+                           "or uniform (the paper's ablation)", choices=("log_increase", "uniform"))
+    first_ratio: float = option(0.0, "log_increase: ratio of the first layer (r_0; the paper states none)",
+                                minimum=0.0, below=1.0)
+    last_ratio: float | None = option(None, "log_increase: ratio of the last layer; none solves it so the mean hits "
+                                      "the target (the released LLaMA-7B run gives 0.0625 -> 0.25)",
+                                      minimum=0.0, below=1.0)
+    ratio_cap: float = option(RATIO_CAP, "no layer loses more than this share of its weights", above=0.0,
+                              maximum=1.0)
+    damping: float = option(0.01, "Hessian damping: H + damping * mean(diag H) * I, x10 on a failed Cholesky "
+                            "(the released command uses 0)", minimum=0.0)
+    compensate: bool = option(True, "OBS update of the surviving o_proj / down_proj columns (false: ablation)")
+    exact_ranking: bool = option(False, "rank heads by their exact joint removal cost, not the paper's diagonal "
+                                 "approximation")
+    match_parameters: bool = option(True, "after rounding a layer's heads, set its channel count so the layer's "
+                                    "removed weights match its ratio (false: the paper's rounding)")
+    attention_unit: str = option("auto", "kv_group (whole KV groups), q_head (query heads, k/v kept) or auto "
+                                 "(q_head for one-KV-head models)", choices=ATTENTION_UNITS)
+    dgs_max: int = option(1024, "Dynamic Group Size: largest channel batch", minimum=1)
+    dgs_min: int = option(64, "Dynamic Group Size: smallest channel batch (the released schedule's floor)",
+                          minimum=1)
+    inverse_update: str = option("reinvert", "reinvert H after every removal (paper) or downdate the inverse "
+                                 "(faster, equal up to rounding)", choices=("reinvert", "downdate"))
+    batch_size: int = option(8, "calibration windows per forward pass", minimum=1)
+    offload: str = option("none", "where cached layer inputs live: none (the model's device), cpu or disk",
+                          choices=OFFLOAD_MODES)
+
+    def check(self, method: str) -> None:
+        if self.dgs_min > self.dgs_max:
+            raise PrunekitError(f"option dgs_min={self.dgs_min} of '{method}' is above dgs_max={self.dgs_max}")
+        if self.first_ratio > self.ratio_cap:
+            raise PrunekitError(f"option first_ratio={self.first_ratio} of '{method}' is above "
+                                f"ratio_cap={self.ratio_cap}")
 
 
-@register(
-    "slimgpt",
-    needs_calibration=True,
-    description="OBS layer-wise pruning of heads and channels with compensation (Ling et al. 2024)",
-    schedule="log_increase",
-    first_ratio=0.0,
-    ratio_cap=0.9,
-    damping=0.01,
-    compensate=True,
-    exact_ranking=False,
-    match_parameters=True,
-    attention_unit="auto",
-    dgs_max=1024,
-    dgs_min=64,
-    inverse_update="reinvert",
-    batch_size=8,
-    offload="none",
-)
-def slimgpt(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    target: Target,
-    calibration: TokenWindows,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    **settings: Any,
-) -> PruningPlan:
-    """Prune ``model``'s o_proj / down_proj inputs in place (compensated, dense shapes) and return the plan."""
-    ratios = layer_ratios(adapter, target, settings)
-    q_head_mode = _q_head_mode(adapter, settings["attention_unit"])
+@register("slimgpt", config=SlimGPTConfig, description="OBS layer-wise pruning of heads and channels with "
+          "compensation (Ling et al. 2024)", capabilities=Capabilities("width", edits_weights=True))
+def slimgpt(context: PruneContext) -> MethodResult:
+    """Prune the o_proj / down_proj inputs in place (compensated, dense shapes) and return the plan."""
+    config: SlimGPTConfig = context.config
+    adapter = context.adapter
+    ratios = layer_ratios_for(adapter, context.target, config)
+    attention_unit = resolve_attention_unit(adapter, config.attention_unit)
     plan = PruningPlan.keep_all(adapter)
     report: list[dict[str, Any]] = []
-    with LayerwiseRunner(model, adapter, calibration, batch_size=settings["batch_size"],
-                         offload=settings["offload"], progress=progress) as runner:
+    with LayerwiseRunner(context.model, adapter, context.windows("slimgpt"), batch_size=config.batch_size,
+                         offload=config.offload, progress=context.progress) as runner:
         for index, layer in runner.layers():
-            counts = unit_counts(ratios[index], adapter, q_head_mode, settings["match_parameters"])
+            counts = layer_counts(ratios[index], adapter, attention_unit, config.match_parameters)
             entry: dict[str, Any] = {"layer": index, "ratio": round(ratios[index], 5)}
             if counts.attention_units:
                 entry["attention"] = _prune_attention_layer(
-                    runner, index, layer, adapter, plan, counts, q_head_mode, settings
+                    runner, index, layer, adapter, plan, counts, attention_unit == "q_head", config
                 )
                 runner.finish_branch(index, "attention")
             else:
                 runner.run_branch(index, "attention")
             if counts.channels:
-                entry["mlp"] = _prune_mlp_layer(runner, index, layer, adapter, plan, counts.channels, settings)
+                entry["mlp"] = _prune_mlp_layer(runner, index, layer, adapter, plan, counts.channels, config)
                 runner.finish_branch(index, "mlp")
             else:
                 runner.run_branch(index, "mlp")
             report.append(entry)
             log.info(_describe(entry, plan, index))
     plan.metrics["slimgpt_layers"] = report
-    return plan
+    return MethodResult(plan)
 
 
-def layer_ratios(adapter: ArchAdapter, target: Target, settings: dict[str, Any]) -> list[float]:
-    """The per-layer ratios of decoder-layer weights for the chosen schedule."""
-    layers_target = target.layer_linear_ratio(adapter)
-    if settings["schedule"] == "uniform":
-        return uniform_ratios(adapter.num_layers, layers_target)
-    if settings["schedule"] != "log_increase":
-        raise PrunekitError(f"unknown schedule '{settings['schedule']}'; use one of: {', '.join(SCHEDULES)}")
-    return log_increasing_ratios(adapter.num_layers, layers_target, settings["first_ratio"], settings["ratio_cap"])
-
-
-def _q_head_mode(adapter: ArchAdapter, attention_unit: str) -> bool:
-    if attention_unit not in ATTENTION_UNITS:
-        raise PrunekitError(f"unknown attention_unit '{attention_unit}'; use one of: {', '.join(ATTENTION_UNITS)}")
-    if attention_unit == "auto":
-        return adapter.num_kv_heads == 1  # removing the only KV group would delete the whole attention
-    return attention_unit == "q_head"
+def layer_ratios_for(adapter: ArchAdapter, target: Target, config: SlimGPTConfig) -> list[float]:
+    """The per-layer ratios of decoder-layer weights for the configured schedule."""
+    return layer_ratios(adapter.num_layers, target.layer_linear_ratio(adapter), config.schedule,
+                        first=config.first_ratio, last=config.last_ratio, cap=config.ratio_cap)
 
 
 def _describe(entry: dict[str, Any], plan: PruningPlan, index: int) -> str:
@@ -134,16 +140,16 @@ def _describe(entry: dict[str, Any], plan: PruningPlan, index: int) -> str:
 
 # -- attention: Batched Greedy Pruning -------------------------------------------------------------------------
 
-def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, settings) -> dict[str, Any]:
+def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_mode, config) -> dict[str, Any]:
     o_proj = adapter.attention_linears(layer)["o_proj"]
     statistics = runner.collect_branch(index, "attention")
     weight = o_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
     g, dh = adapter.heads_per_group, adapter.head_dim
     width = dh if q_head_mode else g * dh
     quota = counts.attention_units if q_head_mode else None
     total = counts.attention_units * (adapter.num_kv_heads if q_head_mode else 1)
-    removed, error = _greedy_units(weight, hessian, width, total, settings, hessian_inverse,
+    removed, error = _greedy_units(weight, hessian, width, total, config, hessian_inverse,
                                    group_of=(lambda unit: unit // g) if q_head_mode else None, quota=quota)
     with torch.no_grad():
         o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
@@ -154,7 +160,7 @@ def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_m
     return {"removed_units": sorted(removed), "error": error, "damping": damping.damping, "retries": damping.retries}
 
 
-def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None, group_of=None, quota=None):
+def _greedy_units(weight, hessian, width, total, config, hessian_inverse=None, group_of=None, quota=None):
     """Remove ``total`` units one at a time: rank by grouped-Cholesky error, eliminate the best, decouple.
 
     ``group_of`` / ``quota`` (q-head mode): a unit is eligible only while its KV group has lost fewer than
@@ -164,9 +170,9 @@ def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None,
     removed: list[int] = []
     total_error = 0.0
     for step in range(total):
-        if hessian_inverse is None or step and settings["inverse_update"] == "reinvert":
+        if hessian_inverse is None or step and config.inverse_update == "reinvert":
             hessian_inverse = inverse(hessian)
-        errors = unit_errors(weight, hessian_inverse, width, exact=settings["exact_ranking"])
+        errors = unit_errors(weight, hessian_inverse, width, exact=config.exact_ranking)
         for unit in range(units):
             group_full = group_of is not None and sum(group_of(u) == group_of(unit) for u in removed) >= quota
             if unit in removed or group_full:
@@ -175,8 +181,8 @@ def _greedy_units(weight, hessian, width, total, settings, hessian_inverse=None,
         gone = [column for unit in removed for column in range(unit * width, (unit + 1) * width)]
         columns = list(range(best * width, (best + 1) * width))
         removed.append(best)
-        total_error += _remove(weight, hessian_inverse, hessian, columns, gone, settings["compensate"])
-        hessian_inverse = _next_inverse(hessian_inverse, columns, settings["inverse_update"])
+        total_error += _remove(weight, hessian_inverse, hessian, columns, gone, config.compensate)
+        hessian_inverse = _next_inverse(hessian_inverse, columns, config.inverse_update)
     return removed, total_error
 
 
@@ -210,6 +216,8 @@ def _remove(weight, hessian_inverse, hessian, columns, already_removed, compensa
 def dgs_group_sizes(total: int, largest: int = 1024, smallest: int = 64) -> list[int]:
     """Channel batch sizes of the released DGS schedule: g₀ = ⌊(T − 512)/2⌋, then g ← ⌊(g − 512)/2⌋ (unclamped),
     each step taking min(remaining, clamp(g, smallest, largest))."""
+    if smallest < 1 or largest < smallest:
+        raise PrunekitError(f"DGS group sizes need 1 <= smallest <= largest, got {smallest} and {largest}")
     sizes, remaining, group = [], total, (total - 512) // 2
     while remaining > 0:
         size = min(remaining, max(smallest, min(largest, group)))
@@ -219,25 +227,25 @@ def dgs_group_sizes(total: int, largest: int = 1024, smallest: int = 64) -> list
     return sizes
 
 
-def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, settings) -> dict[str, Any]:
+def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, config) -> dict[str, Any]:
     down_proj = adapter.mlp_linears(layer)["down_proj"]
     statistics = runner.collect_branch(index, "mlp")
     weight = down_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, settings["damping"])
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
     removed: list[int] = []
     total_error = 0.0
-    for size in dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"]):
+    for size in dgs_group_sizes(channels, config.dgs_max, config.dgs_min):
         if hessian_inverse is None:
             hessian_inverse = inverse(hessian)
         scores = (weight**2).sum(dim=0) / torch.diagonal(hessian_inverse)
         scores[removed] = float("inf")
         batch = torch.sort(scores, stable=True).indices[:size].tolist()  # stable: ties go to the lowest index
-        total_error += _remove(weight, hessian_inverse, hessian, batch, removed, settings["compensate"])
+        total_error += _remove(weight, hessian_inverse, hessian, batch, removed, config.compensate)
         removed.extend(batch)
-        hessian_inverse = _next_inverse(hessian_inverse, batch, settings["inverse_update"])
+        hessian_inverse = _next_inverse(hessian_inverse, batch, config.inverse_update)
     with torch.no_grad():
         down_proj.weight.copy_(weight.to(down_proj.weight.dtype))
     kept = sorted(set(range(adapter.intermediate_size)) - set(removed))
     plan.keep_channels(index, kept)
     return {"removed_channels": len(removed), "error": total_error, "damping": damping.damping,
-            "retries": damping.retries, "groups": dgs_group_sizes(channels, settings["dgs_max"], settings["dgs_min"])}
+            "retries": damping.retries, "groups": dgs_group_sizes(channels, config.dgs_max, config.dgs_min)}

@@ -1,6 +1,17 @@
-"""The pruning plan (what to keep), its validation and GQA rules, parameter accounting, and materialisation."""
+"""The pruning plan (what to keep), its validation and GQA rules, unit costs and the width allocator, parameter
+accounting, masked forwards, and materialisation."""
 
+from prunekit.structure.allocation import (
+    ALLOCATIONS,
+    ATTENTION_UNITS,
+    LayerCounts,
+    UnitScores,
+    allocate,
+    layer_counts,
+    resolve_attention_unit,
+)
 from prunekit.structure.blocks import RemovedAttention, RemovedMLP, is_removed
+from prunekit.structure.costs import UnitCosts
 from prunekit.structure.gqa import (
     group_heads,
     group_scores,
@@ -11,23 +22,34 @@ from prunekit.structure.gqa import (
     prune_q_heads,
     top_k,
 )
+from prunekit.structure.masks import MaskedForward, UnitMask
 from prunekit.structure.materialize import apply_plan
 from prunekit.structure.params import (
     ParameterCounts,
     PruningRatios,
-    channel_parameters,
     count_parameters,
     counted_parameters,
     dense_parameter_counts,
-    kv_group_parameters,
     measured_ratios,
     plan_parameter_counts,
     predicted_ratios,
-    query_head_parameters,
 )
 from prunekit.structure.plan import LayerPlan, PruningPlan
+from prunekit.structure.schedules import SCHEDULES, layer_ratios
 
 __all__ = [
+    "ALLOCATIONS",
+    "ATTENTION_UNITS",
+    "SCHEDULES",
+    "LayerCounts",
+    "MaskedForward",
+    "UnitCosts",
+    "UnitMask",
+    "UnitScores",
+    "allocate",
+    "layer_counts",
+    "layer_ratios",
+    "resolve_attention_unit",
     "LayerPlan",
     "ParameterCounts",
     "PruningPlan",
@@ -35,7 +57,6 @@ __all__ = [
     "RemovedAttention",
     "RemovedMLP",
     "apply_plan",
-    "channel_parameters",
     "count_parameters",
     "counted_parameters",
     "dense_parameter_counts",
@@ -43,7 +64,6 @@ __all__ = [
     "group_scores",
     "is_removed",
     "kv_group_of",
-    "kv_group_parameters",
     "lowest",
     "measured_ratios",
     "plan_parameter_counts",
@@ -51,6 +71,5 @@ __all__ = [
     "prune_channels",
     "prune_kv_groups",
     "prune_q_heads",
-    "query_head_parameters",
     "top_k",
 ]

@@ -13,6 +13,8 @@ What transformers (5.23) reads afterwards, and how it is kept consistent:
 - each attention module's ``layer_idx`` (its KV-cache slot) and a decoder layer's ``layer_idx``: renumbered to the
   layer's new position. ``num_key_value_groups`` (used by repeat_kv / SDPA's GQA path): set to the layer's
   kept heads per kept KV head, which differs from the config in q-head mode.
+- biases a method added (``plan.added_biases``, e.g. FLAP's compensation): created on the surviving o_proj /
+  down_proj as zeros, so a checkpoint's values load into them strictly.
 - KV cache of a removed attention block: ``DynamicCache(config=...)`` (what ``generate`` builds) turns every
   layer whose ``config.kv_sharing_modes`` entry is ``"reuse"`` into a ``DummyLayer`` that stores nothing. The
   cache then answers ``get_seq_length()`` and the mask sizes from the first real attention layer, even when layer
@@ -37,10 +39,19 @@ from prunekit.structure.plan import LayerPlan, PruningPlan
 NO_KV_CACHE = "reuse"
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Slice ``model`` (a dense model of a supported family) in place according to ``plan``; returns it."""
+def apply_plan(model: nn.Module, plan: PruningPlan, edited_weights: bool = False) -> nn.Module:
+    """Slice ``model`` (a dense model of a supported family) in place according to ``plan``; returns it.
+
+    A plan whose method edited weights (``plan.weights_edited``) is refused unless ``edited_weights`` says the
+    model's weights already are the edited ones, or will be loaded over it (a checkpoint): slicing a fresh dense
+    model would silently give another model than the method's.
+    """
     if getattr(model, "prunekit_plan", None) is not None or getattr(model.config, "prunekit_layers", None):
         raise PrunekitError("model is already pruned; apply plans to a fresh copy of the dense model")
+    if plan.weights_edited and not edited_weights:
+        raise PrunekitError(f"this plan's method ('{plan.method}') edited the kept weights, which a plan does not "
+                            "hold, so applying it to the dense model would give another model; load the "
+                            "checkpoint the plan came from instead")
     adapter = adapter_for(model)
     plan.validate(adapter)
     dense_config = model.config.to_dict()
@@ -50,6 +61,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
             if not layer_plan.layer_removed:
                 _apply_attention(layer, layer_plan, adapter)
                 _apply_mlp(layer, layer_plan, adapter)
+                _add_biases(layer, layer_plan, adapter, plan.added_biases)
     pairs = zip(plan.layers, layers, strict=True)
     kept = nn.ModuleList(layer for layer_plan, layer in pairs if not layer_plan.layer_removed)
     adapter.set_decoder_layers(model, kept)
@@ -97,6 +109,21 @@ def _apply_mlp(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter) ->
         mlp = adapter.mlp(layer)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(channels)
+
+
+def _add_biases(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter, added: list[str]) -> None:
+    """Give the surviving output projections named in ``added`` a bias (zeros) where they have none."""
+    linears = {}
+    if layer_plan.has_attention:
+        linears["o_proj"] = adapter.attention_linears(layer)["o_proj"]
+    if layer_plan.has_mlp:
+        linears["down_proj"] = adapter.mlp_linears(layer)["down_proj"]
+    for name in added:
+        linear = linears.get(name)
+        if linear is not None and linear.bias is None:
+            weight = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                       weight.requires_grad)
 
 
 def _unit_indices(units: list[int], width: int) -> torch.Tensor:

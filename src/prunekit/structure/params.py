@@ -9,8 +9,8 @@
 
 Counts can be *measured* on a model (dense or materialised) or *predicted* from a plan and the dense adapter,
 without materialising anything, so a method can hit a target ratio before it slices. The two must agree; the tests
-check it for every family. Unit weights (for allocators that trade heads against channels): a KV group is
-d*d_h*(2g + 2) weights, a query head in q-head mode 2*d*d_h, an FFN channel 3*d (plus biases where present).
+check it for every family. What one unit costs is written once, in ``structure.costs``; biases a method adds
+(``plan.added_biases``) count as parameters of the pruned model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from prunekit.models.adapters import ArchAdapter, linear_weight_count, unique_parameter_count
 from prunekit.structure.blocks import is_removed
+from prunekit.structure.costs import CHANNEL, KV_HEAD, QUERY_HEAD, UnitCosts
 from prunekit.structure.plan import LayerPlan, PruningPlan
 
 
@@ -92,7 +93,7 @@ def plan_parameter_counts(plan: PruningPlan, adapter: ArchAdapter) -> ParameterC
     total = vocab * d * (1 if adapter.tied_embeddings else 2) + d  # embeddings, lm_head, final norm
     layer_linear = 0
     for layer in plan.layers:
-        layer_total, layer_weights = _layer_counts(layer, adapter)
+        layer_total, layer_weights = _layer_counts(layer, adapter, plan.added_biases)
         total += layer_total
         layer_linear += layer_weights
     return ParameterCounts(total=total, layer_linear=layer_linear)
@@ -107,41 +108,22 @@ def predicted_ratios(plan: PruningPlan, adapter: ArchAdapter) -> PruningRatios:
     return PruningRatios(dense=dense_parameter_counts(adapter), pruned=plan_parameter_counts(plan, adapter))
 
 
-def _layer_counts(layer: LayerPlan, adapter: ArchAdapter) -> tuple[int, int]:
+def _layer_counts(layer: LayerPlan, adapter: ArchAdapter, added_biases: list[str] = ()) -> tuple[int, int]:
     """(all parameters, linear weight entries) of one planned layer; a removed block takes its norms along."""
-    d, dh = adapter.hidden_size, adapter.head_dim
+    d, dh, costs = adapter.hidden_size, adapter.head_dim, UnitCosts.of(adapter)
     total = weights = 0
     if layer.has_attention:
         n_q, n_kv = len(layer.kept_heads), len(layer.kept_kv_heads)
-        attention_weights = d * dh * (2 * n_q + 2 * n_kv)
-        biases = dh * (n_q + 2 * n_kv) if adapter.attention_bias else 0
-        biases += d if adapter.o_proj_bias else 0
+        attention_weights = n_q * costs.weights(QUERY_HEAD) + n_kv * costs.weights(KV_HEAD)
+        biases = n_q * costs.biases(QUERY_HEAD) + n_kv * costs.biases(KV_HEAD)
+        biases += d if adapter.o_proj_bias or "o_proj" in added_biases else 0
         norms = d * len(adapter.spec.attention_norms) + dh * len(adapter.spec.qk_norms)
         total += attention_weights + biases + norms
         weights += attention_weights
     if layer.has_mlp:
         channels = len(layer.kept_channels)
-        mlp_weights = 3 * d * channels
-        biases = 2 * channels + d if adapter.mlp_bias else 0
+        mlp_weights = channels * costs.weights(CHANNEL)
+        biases = channels * costs.biases(CHANNEL) + (d if adapter.mlp_bias or "down_proj" in added_biases else 0)
         total += mlp_weights + biases + d * len(adapter.spec.mlp_norms)
         weights += mlp_weights
     return total, weights
-
-
-# -- unit weights --------------------------------------------------------------------------------------------
-def kv_group_parameters(adapter: ArchAdapter, include_bias: bool = True) -> int:
-    """Parameters of one KV group: q and o for its g heads, k and v for its KV head (+ q/k/v biases)."""
-    d, dh, g = adapter.hidden_size, adapter.head_dim, adapter.heads_per_group
-    bias = dh * (g + 2) if include_bias and adapter.attention_bias else 0
-    return d * dh * (2 * g + 2) + bias
-
-
-def query_head_parameters(adapter: ArchAdapter, include_bias: bool = True) -> int:
-    """Parameters of one query head removed in q-head mode: its q rows and o columns (+ q bias)."""
-    bias = adapter.head_dim if include_bias and adapter.attention_bias else 0
-    return 2 * adapter.hidden_size * adapter.head_dim + bias
-
-
-def channel_parameters(adapter: ArchAdapter, include_bias: bool = True) -> int:
-    """Parameters of one FFN channel: a gate row, an up row, a down column (+ gate/up biases)."""
-    return 3 * adapter.hidden_size + (2 if include_bias and adapter.mlp_bias else 0)

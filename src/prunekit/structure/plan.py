@@ -33,6 +33,7 @@ PLAN_VERSION = 1
 # The describe() keys that fix the shapes a plan indexes into; a plan only applies to a model that matches them.
 SHAPE_KEYS = ("family", "num_layers", "hidden_size", "head_dim", "num_heads", "num_kv_heads", "intermediate_size")
 LAYER_KEYS = ("kept_heads", "kept_kv_heads", "kept_channels", "attn_removed", "mlp_removed", "layer_removed")
+BIAS_TARGETS = ("o_proj", "down_proj")
 
 
 def _index_list(values: Iterable[Any], what: str) -> list[int]:
@@ -123,6 +124,19 @@ class PruningPlan:
     seed: int | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The method changed kept weights (SlimGPT's compensation, FLAP's biases): applying the plan to a fresh dense
+    # model would not give the pruned model, so materialisation refuses unless the weights come with it (the
+    # method's own edited model, or a checkpoint). None: unknown (a plan written before this field existed).
+    weights_edited: bool | None = False
+    # Output projections that gain a bias in every surviving block of their kind ("o_proj", "down_proj"), e.g. FLAP's
+    # compensation of a model without biases; materialisation creates them (zeros until weights are loaded).
+    added_biases: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.added_biases) - set(BIAS_TARGETS))
+        if unknown:
+            raise PrunekitError(f"plan adds a bias to '{unknown[0]}'; only {', '.join(BIAS_TARGETS)} can gain one")
+        self.added_biases = sorted(set(self.added_biases))
 
     # -- constructors --------------------------------------------------------------------------------------
     @classmethod
@@ -261,6 +275,8 @@ class PruningPlan:
             "settings": copy.deepcopy(self.settings),
             "calibration": copy.deepcopy(self.calibration),
             "metrics": copy.deepcopy(self.metrics),
+            "weights_edited": self.weights_edited,
+            "added_biases": list(self.added_biases),
             "dense": copy.deepcopy(self.dense),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -284,6 +300,8 @@ class PruningPlan:
             seed=data.get("seed"),
             calibration=copy.deepcopy(data.get("calibration") or {}),
             metrics=copy.deepcopy(data.get("metrics") or {}),
+            weights_edited=_optional_bool(data.get("weights_edited")),
+            added_biases=_string_list(data.get("added_biases") or [], "added_biases"),
         )
 
     def to_json(self) -> str:
@@ -304,6 +322,18 @@ class PruningPlan:
         except json.JSONDecodeError as error:
             raise PrunekitError(f"plan is not valid JSON: {error}") from None
         return cls.from_dict(data)
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise PrunekitError(f"plan field 'weights_edited' must be true, false or null, got {value!r}")
+    return value
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise PrunekitError(f"plan field '{name}' must be a list of names, got {value!r}")
+    return value
 
 
 def _check_same_dense(planned: dict[str, Any], actual: dict[str, Any]) -> None:
