@@ -28,7 +28,7 @@ import torch
 import prunekit
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.evaluation.speed import machine_info
+from prunekit.evaluation.machine import machine_info
 from prunekit.methods import Target, method_info
 from prunekit.report import console_summaries, format_table
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import prunekit
 from prunekit.data import calibration_windows, evaluation_windows
 from prunekit.errors import PrunekitError
-from prunekit.evaluation.speed import machine_info
+from prunekit.evaluation.machine import machine_info
 from prunekit.methods import Target, method_info
 from prunekit.methods.depth import LAYER, Unit, plan_from_units, removal_ratios
 from prunekit.methods.shortgpt import layer_influence

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit.data import evaluation_windows
+from prunekit.evaluation.machine import machine_info
 from prunekit.evaluation.perplexity import default_batch_size
-from prunekit.evaluation.speed import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 0.90

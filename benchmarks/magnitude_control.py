@@ -19,7 +19,7 @@ import torch
 
 import prunekit
 from prunekit.data import evaluation_windows
-from prunekit.evaluation.speed import machine_info
+from prunekit.evaluation.machine import machine_info
 from prunekit.methods.magnitude import unit_norms
 from prunekit.models.adapters import adapter_for
 from prunekit.report import format_table

@@ -28,7 +28,7 @@ import torch
 
 import prunekit
 from prunekit.data import TokenWindows, calibration_windows
-from prunekit.evaluation.speed import machine_info
+from prunekit.evaluation.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refactor_regression.json"
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "blockpruner-golden" / "calibration.txt"

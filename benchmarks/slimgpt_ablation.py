@@ -27,7 +27,7 @@ from pathlib import Path
 
 import prunekit
 from prunekit.data import calibration_windows, evaluation_windows
-from prunekit.evaluation.speed import machine_info
+from prunekit.evaluation.machine import machine_info
 from prunekit.report import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"

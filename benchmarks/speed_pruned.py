@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 
 import prunekit
-from prunekit.evaluation.speed import benchmark_speed, compare_speed, machine_info
+from prunekit.evaluation.machine import machine_info
+from prunekit.evaluation.speed import benchmark_speed, compare_speed
 from prunekit.structure import PruningPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -6,7 +6,6 @@ Every user mistake ends with one line on stderr and exit status 2, never a trace
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -233,8 +232,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import gc
 
     import prunekit
-    from prunekit.evaluation.speed import benchmark_speed, compare_speed, parse_shapes, speed_table
+    from prunekit.evaluation.speed import benchmark_speed, compare_speed, parse_shapes
     from prunekit.report import format_table
+    from prunekit.report.speed import speed_table
 
     shapes = parse_shapes(args.shapes)
     if args.decode_tokens < 0 or args.decode_tokens == 1:
@@ -284,6 +284,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
     from prunekit.methods import method_info, prune
+    from prunekit.report.tables import before_after_table
 
     info = method_info(args.method)
     options = _parse_options(args.option)
@@ -310,7 +311,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result.save(args.out, overwrite=args.overwrite)
     if state_path is not None:
         state_path.unlink(missing_ok=True)  # the checkpoint's schedule artifact now holds the same steps
-    print(_before_after_table(result.metrics, info.name))
+    print(before_after_table(result.metrics, info.name))
     print(f"saved: {args.out}")
     if args.json is not None:
         _write_json(args.json, {"model": str(args.model), "method": info.name, "plan_seed": args.seed,
@@ -340,13 +341,15 @@ def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Pa
 
 def _cmd_save(args: argparse.Namespace) -> int:
     import prunekit
+    from prunekit.io.plans import read_plan
+    from prunekit.methods.run import replayable_plan
     from prunekit.structure.params import measured_ratios
 
     if args.out.exists() and not args.overwrite:
         raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
     if not args.plan.is_file():
         raise PrunekitError(f"--plan {args.plan} does not exist")
-    plan = _plan_to_apply(args.plan)
+    plan = replayable_plan(read_plan(args.plan), str(args.plan))
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     adapter = prunekit.adapter_for(model)
     prunekit.apply_plan(model, plan)
@@ -356,29 +359,6 @@ def _cmd_save(args: argparse.Namespace) -> int:
     print(f"saved {args.out}: {counts['pruned_parameters']:,} parameters, ratio_all {counts['ratio_all']:.2%}, "
           f"ratio_layers {counts['ratio_layers']:.2%}")
     return 0
-
-
-def _plan_to_apply(path: Path):
-    """The plan in ``path`` (a plan JSON, or a checkpoint's prunekit.json holding one), if a plan alone can
-    reproduce its model: a weight-editing method's plan is refused (its checkpoint is the model)."""
-    from prunekit.methods import available_methods
-    from prunekit.structure.plan import PLAN_FORMAT, PruningPlan
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PrunekitError(f"--plan {path} is not readable JSON ({error})") from None
-    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data.get("format") != PLAN_FORMAT:
-        data = data["plan"]  # a checkpoint's prunekit.json
-    plan = PruningPlan.from_dict(data)
-    method = available_methods().get(plan.method)
-    edited = plan.weights_edited if plan.weights_edited is not None else bool(
-        method and method.capabilities.edits_weights)
-    if edited:
-        raise PrunekitError(f"--plan {path} comes from '{plan.method}', which edits the kept weights: the plan alone "
-                            "cannot reproduce its model; use the checkpoint it came from (--model CHECKPOINT_DIR)")
-    plan.weights_edited = False
-    return plan
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -391,20 +371,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
     return 0
-
-
-def _before_after_table(metrics: dict, method: str) -> str:
-    from prunekit.report import format_table
-
-    counts = metrics["parameters"]
-    before, after = metrics.get("perplexity_before"), metrics.get("perplexity_after")
-    label = f"ppl {before['source']} L={before['seqlen']}" if before else "ppl"
-    rows = [
-        ["dense", counts["dense_parameters"], "0.00%", "0.00%", before["perplexity"] if before else None, "-"],
-        [method, counts["pruned_parameters"], f"{counts['ratio_all']:.2%}", f"{counts['ratio_layers']:.2%}",
-         after["perplexity"] if after else None, f"{metrics['prune_seconds']:.1f}"],
-    ]
-    return format_table(["model", "parameters", "ratio_all", "ratio_layers", label, "prune seconds"], rows)
 
 
 def _cap_seqlen(model, seqlen: int) -> int:

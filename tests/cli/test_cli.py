@@ -104,3 +104,34 @@ def test_console_script_end_to_end_on_smollm2(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     ppl = json.loads(out_file.read_text())["perplexity"]["sample"]
     assert 5 < ppl < 100  # a working 135M model on English prose; a broken conversion gives thousands
+
+
+def test_save_plan_refuses_a_weight_editing_method_and_reproduces_a_checkpoint(capsys, tmp_path, tiny_model_dir):
+    """A SlimGPT plan cannot rebuild its compensated model; a magnitude checkpoint's prunekit.json can."""
+    import torch
+
+    import prunekit
+
+    slim = tmp_path / "slim"
+    prune = ["prune", "--model", str(tiny_model_dir), "--ratio", "0.3", "--calib-tokens", "1024", "--seqlen", "64",
+             "--no-eval", "--no-progress"]
+    assert _run(capsys, *prune, "--method", "slimgpt", "--out", str(slim))[0] == 0
+    code, _, err = _run(capsys, "save", "--model", str(tiny_model_dir), "--plan", str(slim / "prunekit.json"),
+                        "--out", str(tmp_path / "again"))
+    assert code == 2 and "edits the kept weights" in err and "--model CHECKPOINT_DIR" in err
+    legacy = json.loads((slim / "prunekit.json").read_text())["plan"]
+    del legacy["weights_edited"]  # written before the field existed: the method's capability decides
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    code, _, err = _run(capsys, "save", "--model", str(tiny_model_dir), "--plan", str(tmp_path / "legacy.json"),
+                        "--out", str(tmp_path / "again"))
+    assert code == 2 and "edits the kept weights" in err and not (tmp_path / "again").exists()
+    mag = tmp_path / "mag"
+    assert _run(capsys, *prune, "--method", "magnitude", "--out", str(mag))[0] == 0
+    code, out, err = _run(capsys, "save", "--model", str(tiny_model_dir), "--plan", str(mag / "prunekit.json"),
+                          "--out", str(tmp_path / "rebuilt"))
+    assert code == 0, err
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        original = prunekit.load_pruned(mag, with_tokenizer=False)[0](ids).logits
+        rebuilt = prunekit.load_pruned(tmp_path / "rebuilt", with_tokenizer=False)[0](ids).logits
+    assert torch.equal(original, rebuilt)

@@ -14,8 +14,8 @@ from prunekit.evaluation.speed import (
     kv_cache_bytes,
     kv_cache_bytes_per_token,
     parse_shapes,
-    speed_table,
 )
+from prunekit.report.speed import speed_table
 from tests.conftest import make_tiny_model
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 3

@@ -187,3 +187,44 @@ def test_smollm2_mixed_plan_round_trip(tmp_path, smollm2):
         tokens = pruned.generate(IDS, max_new_tokens=8, do_sample=False, use_cache=True)
     fresh = _in_fresh_process(tmp_path / "ckpt")
     assert torch.equal(fresh["logits"], logits) and torch.equal(fresh["tokens"], tokens)
+
+
+def _with_added_biases(family):
+    """A mixed plan on a model without output biases, plus biases a method added (random, as FLAP's would be)."""
+    model = make_tiny_model(family, 4, 2, layers=6)
+    assert all(layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.model.layers)
+    plan = mixed_plan(prunekit.adapter_for(model))
+    plan.added_biases, plan.weights_edited = ["o_proj", "down_proj"], True
+    generator = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            linear.bias = torch.nn.Parameter(torch.randn(64, generator=generator))
+    return prunekit.apply_plan(model, plan, edited_weights=True)
+
+
+@pytest.mark.parametrize("via", ["prunekit", "auto"])
+def test_biases_added_by_pruning_round_trip_exactly_through_both_loaders(tmp_path, tiny_tokenizer, via):
+    from prunekit.structure.params import measured_ratios, predicted_ratios
+
+    model = _with_added_biases("llama")
+    adapter = prunekit.adapter_for(make_tiny_model("llama", 4, 2, layers=6))
+    assert measured_ratios(model, adapter).to_dict() == predicted_ratios(model.prunekit_plan, adapter).to_dict()
+    prunekit.save_pruned(model, tiny_tokenizer, tmp_path / "ckpt")
+    with torch.no_grad():
+        logits = model(IDS).logits
+        tokens = model.generate(IDS, max_new_tokens=8, do_sample=False, use_cache=True)
+    fresh = _in_fresh_process(tmp_path / "ckpt", via=via)
+    assert torch.equal(fresh["logits"], logits) and torch.equal(fresh["tokens"], tokens)
+    reloaded, _ = prunekit.load_pruned(tmp_path / "ckpt", with_tokenizer=False)
+    assert reloaded.model.layers[1].self_attn.o_proj.bias is not None
+
+
+def test_a_weight_editing_plan_is_refused_on_a_fresh_dense_model():
+    plan = _with_added_biases("qwen3").prunekit_plan
+    with pytest.raises(PrunekitError, match="edited the kept weights.*load the checkpoint the plan came from"):
+        prunekit.apply_plan(make_tiny_model("qwen3", 4, 2, layers=6), plan)
+    with pytest.raises(PrunekitError, match="only o_proj, down_proj can gain one"):
+        PruningPlan.from_dict({**plan.to_dict(), "added_biases": ["q_proj"]})
+    old = plan.to_dict()
+    del old["weights_edited"], old["added_biases"]  # a plan written before these fields existed
+    assert PruningPlan.from_dict(old).weights_edited is None and PruningPlan.from_dict(old).added_biases == []

@@ -38,14 +38,32 @@ def test_exact_grouped_cholesky_error_equals_brute_force(unit):
     assert float(errors[unit]) == pytest.approx(brute, rel=1e-9)
 
 
-def test_paper_ranking_is_a_bound_built_from_the_same_factors():
-    """The paper's diagonal-only estimate differs from the exact cost in general (documented approximation)."""
-    weight, inputs = _problem(seed=1)
+def _paper_ranking_directly(weight, hessian_inverse, width):
+    """SlimGPT 2.3 steps 2-4 written out: per unit, factor its diagonal block of H⁻¹ on its own; sum over its columns
+    of the squared column norm of W over the squared diagonal of that factor."""
+    errors = []
+    for unit in range(weight.shape[1] // width):
+        columns = list(range(unit * width, (unit + 1) * width))
+        factor = torch.linalg.cholesky(hessian_inverse[columns][:, columns])
+        errors.append(sum(float((weight[:, c] ** 2).sum()) / float(factor[j, j]) ** 2 for j, c in enumerate(columns)))
+    return torch.tensor(errors, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paper_grouped_cholesky_ranking_equals_a_direct_computation(seed):
+    weight, inputs = _problem(seed=seed)
     hessian_inverse = inverse(inputs @ inputs.T)
     paper = unit_errors(weight, hessian_inverse, 3)
-    exact = unit_errors(weight, hessian_inverse, 3, exact=True)
-    assert not torch.allclose(paper, exact)
-    assert (paper > 0).all() and (exact > 0).all()
+    assert torch.allclose(paper, _paper_ranking_directly(weight, hessian_inverse, 3), rtol=1e-12, atol=0)
+    assert not torch.allclose(paper, unit_errors(weight, hessian_inverse, 3, exact=True))  # an approximation
+
+
+def test_paper_ranking_with_a_diagonal_inverse_is_the_column_norm_over_the_diagonal():
+    weight = torch.tensor([[1.0, 2.0, 0.0, 3.0], [0.0, 1.0, 4.0, 0.0]], dtype=torch.float64)
+    diagonal = torch.tensor([0.5, 2.0, 4.0, 1.0], dtype=torch.float64)
+    errors = unit_errors(weight, torch.diag(diagonal), 2)
+    expected = [1 / 0.5 + 5 / 2.0, 16 / 4.0 + 9 / 1.0]
+    assert errors.tolist() == pytest.approx(expected, rel=1e-14)
 
 
 def test_sequential_elimination_equals_least_squares_refit():

@@ -10,30 +10,20 @@ What is measured, and why this way:
   Positions are passed explicitly, so a model whose first layer keeps no cache still decodes at the right positions.
 - **Timing**: ``warmup`` untimed runs, then ``repeats`` timed ones; each result reports the median and the spread
   (min, max, and the interquartile range) of per-run tokens/s. Torch's thread settings are left alone and recorded.
-- **Peak memory**, on CUDA: ``torch.cuda.max_memory_allocated`` during the workload minus what was allocated before
-  (tensors only). On CPU: the peak resident set size during the workload minus the resident size before it, from
-  ``/proc/self/status`` (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, ``VmRSS`` before). This is
-  what the process took from the OS: it includes allocator slack and excludes memory the allocator reused from
-  earlier frees, so read it as an indication, not an exact tensor count. Where the peak cannot be reset, the growth
-  of ``VmHWM`` (or ``ru_maxrss``) is reported instead: a lower bound, named in ``memory_method``.
+- **Peak memory**: growth during each workload (``prunekit.evaluation.memory``), named in ``memory_method``.
 - **KV bytes per token** comes from a real cache object after a forward of ``batch x tokens`` with
   ``use_cache=True``: the bytes of every key/value tensor it holds, divided by ``batch * tokens``. Layers that hold
   nothing (pruned attention) contribute nothing. A sliding-window layer caps what it holds, so this is measured at
   a stated length.
 - **Parameters** count each tensor once (tied embeddings count once); **weight bytes** likewise.
+
+Formatting lives in ``prunekit.report.speed``; the machine description in ``prunekit.evaluation.machine``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import datetime
-import gc
 import inspect
-import os
-import platform
 import re
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +33,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.evaluation.machine import machine_info
+from prunekit.evaluation.memory import PeakMemory, peak_memory_method
 from prunekit.models.adapters import parameter_bytes, unique_parameter_count
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (4, 512))
@@ -145,135 +137,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise PrunekitError(f"--shapes item '{item.strip()}' needs a batch and a length of at least 1")
         shapes.append((batch, length))
     return shapes
-
-
-# -- machine --------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo; ``platform.processor()`` is often empty on Linux."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict:
-    """Enough context to judge whether two speed results are comparable."""
-    import transformers
-
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        # Other processes competing for the cores distort timings badly (torch's threads wait on each other).
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "device": str(device),
-    }
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-# -- memory ---------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux resets VmHWM to the current RSS when '5' is written to clear_refs (since 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so the RSS baseline is what is live.
-
-    Without it, memory freed by an earlier workload stays resident and the next workload reuses it unseen.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL(None).malloc_trim(0)
-
-
-def _ru_maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-MEMORY_METHODS = {
-    "cuda": "cuda max_memory_allocated growth",
-    "rss": "peak RSS growth (VmHWM after clear_refs reset - VmRSS before)",
-    "hwm": "VmHWM growth (peak not resettable: lower bound)",
-    "maxrss": "ru_maxrss growth (peak not resettable: lower bound)",
-}
-
-
-class PeakMemory:
-    """Context manager: ``self.bytes`` is the peak memory growth during the block (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.bytes: int | None = None
-        self.method = ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.method = MEMORY_METHODS["cuda"]
-            return self
-        _release_free_memory()
-        if _reset_peak_rss() and _proc_status_kib("VmRSS") is not None:
-            self._base = _proc_status_kib("VmRSS") * 1024
-            self.method = MEMORY_METHODS["rss"]
-        elif _proc_status_kib("VmHWM") is not None:
-            self._base = _proc_status_kib("VmHWM") * 1024
-            self.method = MEMORY_METHODS["hwm"]
-        else:
-            self._base = _ru_maxrss_bytes()
-            self.method = MEMORY_METHODS["maxrss"]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.method == MEMORY_METHODS["maxrss"]:
-            peak = _ru_maxrss_bytes()
-        else:
-            peak = (_proc_status_kib("VmHWM") or 0) * 1024
-        self.bytes = max(0, peak - self._base)
-
-
-def peak_memory_method(device: torch.device | str) -> str:
-    """How peak memory is measured on ``device`` here (CPU methods depend on what the kernel allows)."""
-    with PeakMemory(torch.device(device)) as probe:
-        pass
-    return probe.method
 
 
 # -- KV cache -------------------------------------------------------------------------------------------------
@@ -488,45 +351,3 @@ def compare_speed(candidate: SpeedResult, baseline: SpeedResult) -> dict:
             candidate.decode.tokens_per_second.median, baseline.decode.tokens_per_second.median
         )
     return ratios
-
-
-# -- presentation ---------------------------------------------------------------------------------------------
-
-
-def _throughput_cell(spread: Spread) -> str:
-    return f"{spread.median:,.1f} ({spread.minimum:,.1f}-{spread.maximum:,.1f})"
-
-
-def _ratio_cell(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.3f}x"
-
-
-def _megabytes(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**20:,.1f}"
-
-
-def speed_table(results: Sequence[SpeedResult], ratios: dict | None = None) -> tuple[list[str], list[list]]:
-    """Headers and rows for ``prunekit.report.format_table``: one row per model, then the ratio row if any.
-
-    Throughput cells are "median (min-max)" tokens/s; shapes are those of the first result.
-    """
-    shapes = [r.shape for r in results[0].prefill]
-    headers = ["model", "params", "weights MiB", "KV B/token", *(f"prefill {s} tok/s" for s in shapes),
-               "decode tok/s", "peak MiB"]
-    rows: list[list] = []
-    for result in results:
-        by_shape = {r.shape: r for r in result.prefill}
-        rows.append([
-            result.model, result.parameters, _megabytes(result.weight_bytes), f"{result.kv_bytes_per_token:,.0f}",
-            *(_throughput_cell(by_shape[s].tokens_per_second) if s in by_shape else "-" for s in shapes),
-            _throughput_cell(result.decode.tokens_per_second) if result.decode else "-",
-            _megabytes(result.peak_memory_bytes),
-        ])
-    if ratios is not None:
-        prefill = ratios["prefill_tokens_per_second"]
-        rows.append([
-            "ratio", _ratio_cell(ratios["parameters"]), _ratio_cell(ratios["weight_bytes"]),
-            _ratio_cell(ratios["kv_bytes_per_token"]), *(_ratio_cell(prefill.get(s)) for s in shapes),
-            _ratio_cell(ratios["decode_tokens_per_second"]), _ratio_cell(ratios["peak_memory_bytes"]),
-        ])
-    return headers, rows

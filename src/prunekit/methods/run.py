@@ -11,8 +11,9 @@ from torch import nn
 
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import DEPTH, Method, PruneContext, Target, method_info
+from prunekit.methods.base import DEPTH, Method, PruneContext, Target, available_methods, method_info
 from prunekit.models.adapters import adapter_for
+from prunekit.structure.plan import PruningPlan
 
 
 @dataclass
@@ -97,3 +98,17 @@ def resolve_target(spec: Method, ratio: float | None, ratio_of: str = "all", blo
     target = Target(ratio, ratio_of) if blocks is None else Target(blocks=blocks)
     spec.check_target(target)
     return target
+
+
+def replayable_plan(plan: PruningPlan, where: str = "the plan") -> PruningPlan:
+    """``plan``, if applying it to a fresh dense model reproduces its method's model; a one-line error if the
+    method edited weights (recorded in the plan, or, for plans older than that field, known from the method)."""
+    method = available_methods().get(plan.method)
+    edited = plan.weights_edited
+    if edited is None:
+        edited = bool(method and method.capabilities.edits_weights)
+    if edited:
+        raise PrunekitError(f"{where} comes from '{plan.method}', which edits the kept weights: the plan alone cannot "
+                            "reproduce its model; use the checkpoint it came from (--model CHECKPOINT_DIR)")
+    plan.weights_edited = False
+    return plan

@@ -227,11 +227,9 @@ def dgs_group_sizes(total: int, largest: int = 1024, smallest: int = 64) -> list
     return sizes
 
 
-def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, config) -> dict[str, Any]:
-    down_proj = adapter.mlp_linears(layer)["down_proj"]
-    statistics = runner.collect_branch(index, "mlp")
-    weight = down_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
+def _greedy_channels(weight, hessian, channels, config, hessian_inverse=None) -> tuple[list[int], float]:
+    """Remove ``channels`` input columns in DGS batches: each batch the lowest ``||W_j||² / [H⁻¹]_jj``, eliminated
+    together with compensation, then decoupled (SlimGPT 2.4). Returns the removed columns in order and the error."""
     removed: list[int] = []
     total_error = 0.0
     for size in dgs_group_sizes(channels, config.dgs_max, config.dgs_min):
@@ -243,6 +241,15 @@ def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, config) -> d
         total_error += _remove(weight, hessian_inverse, hessian, batch, removed, config.compensate)
         removed.extend(batch)
         hessian_inverse = _next_inverse(hessian_inverse, batch, config.inverse_update)
+    return removed, total_error
+
+
+def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, config) -> dict[str, Any]:
+    down_proj = adapter.mlp_linears(layer)["down_proj"]
+    statistics = runner.collect_branch(index, "mlp")
+    weight = down_proj.weight.detach().float().clone()
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
+    removed, total_error = _greedy_channels(weight, hessian, channels, config, hessian_inverse)
     with torch.no_grad():
         down_proj.weight.copy_(weight.to(down_proj.weight.dtype))
     kept = sorted(set(range(adapter.intermediate_size)) - set(removed))

@@ -2,8 +2,9 @@
 
 from prunekit.models.adapters import SUPPORTED_MODEL_TYPES, ArchAdapter, adapter_for
 from prunekit.models.bundled import BUNDLED, DEFAULT_MODEL
-from prunekit.models.loading import load_model, parse_dtype
+from prunekit.models.loading import is_pruned_checkpoint, load_dense_model, parse_device, parse_dtype
 
 __all__ = [
-    "BUNDLED", "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "ArchAdapter", "adapter_for", "load_model", "parse_dtype",
+    "BUNDLED", "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "ArchAdapter", "adapter_for", "is_pruned_checkpoint",
+    "load_dense_model", "parse_device", "parse_dtype",
 ]

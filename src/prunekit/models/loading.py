@@ -1,4 +1,7 @@
-"""``load_model``: one entry point for bundled names, local directories, GGUF files, pruned checkpoints and hub ids."""
+"""Dense models: bundled names, local Hugging Face directories, GGUF files and hub ids.
+
+Pruned checkpoints are read by ``prunekit.io.checkpoint``; ``prunekit.load_model`` (``prunekit.api``) takes both.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +43,16 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def load_model(
+def load_dense_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
+    """Load a dense causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
     ``name_or_path`` is a bundled name (``prunekit models`` lists them), a local Hugging Face directory, a
-    prunekit checkpoint directory, a ``.gguf`` file, or a hub id (only where the network allows).
+    ``.gguf`` file, or a hub id (only where the network allows).
     """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     name = str(name_or_path)
@@ -57,10 +60,9 @@ def load_model(
     if name in BUNDLED:
         model, tokenizer = _load_hf_directory(ensure_converted(name), torch_dtype, trust_remote_code)
     elif path.is_dir():
-        if (path / "prunekit.json").is_file():
-            from prunekit.io.checkpoint import load_pruned
-
-            return load_pruned(path, dtype=torch_dtype, device=torch_device)
+        if is_pruned_checkpoint(path):
+            raise PrunekitError(f"{path} is a pruned prunekit checkpoint; load it with prunekit.load_model or "
+                                "prunekit.load_pruned")
         if not (path / "config.json").is_file():
             raise PrunekitError(f"directory {path} has no config.json; it is not a Hugging Face model directory")
         model, tokenizer = _load_hf_directory(path, torch_dtype, trust_remote_code)
@@ -79,6 +81,12 @@ def load_model(
         )
     family_spec(model.config.model_type)
     return model.to(torch_device).eval(), tokenizer
+
+
+def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``prunekit.save_pruned`` (it holds a prunekit.json)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / "prunekit.json").is_file()
 
 
 def _looks_like_path(name: str) -> bool:

@@ -26,3 +26,16 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None else str(value)
+
+
+def before_after_table(metrics: dict, method: str) -> str:
+    """The table ``prunekit prune`` prints: dense and pruned parameters, both ratios, perplexity, prune time."""
+    counts = metrics["parameters"]
+    before, after = metrics.get("perplexity_before"), metrics.get("perplexity_after")
+    label = f"ppl {before['source']} L={before['seqlen']}" if before else "ppl"
+    rows = [
+        ["dense", counts["dense_parameters"], "0.00%", "0.00%", before["perplexity"] if before else None, "-"],
+        [method, counts["pruned_parameters"], f"{counts['ratio_all']:.2%}", f"{counts['ratio_layers']:.2%}",
+         after["perplexity"] if after else None, f"{metrics['prune_seconds']:.1f}"],
+    ]
+    return format_table(["model", "parameters", "ratio_all", "ratio_layers", label, "prune seconds"], rows)

@@ -1,7 +1,8 @@
 """Masked forwards: a dense model computing what a pruned one would, by multiplying instead of slicing.
 
-A :class:`UnitMask` holds keep values (1 keep, 0 drop; fractions are allowed) for every query head, FFN channel and
-decoder layer of a dense model, optionally one row per sequence of a batch (``batch`` leading dimension), so the
+A :class:`UnitMask` holds keep values for every query head, FFN channel and decoder layer of a dense model (1 keeps,
+0 drops; head and channel values multiply, so fractions scale a unit, while a layer is kept whenever its value is
+non-zero), optionally one row per sequence of a batch (``batch`` leading dimension), so the
 samples of one policy-gradient step can run as one forward with a different mask per row. A KV group is masked by
 masking its g query heads (``from_kv_groups``): a KV head reaches the output only through its query heads.
 
@@ -41,8 +42,8 @@ class UnitMask:
     layers: torch.Tensor
 
     def __post_init__(self) -> None:
-        batch = self.layers.shape[:-1]
-        if self.heads.shape[:-1] != (*batch, self.layers.shape[-1]) or self.channels.shape[:-2] != batch:
+        if self.layers.dim() not in (1, 2) or not (self.heads.shape[:-1] == self.channels.shape[:-1]
+                                                    == self.layers.shape):
             raise PrunekitError(f"mask shapes disagree: heads {tuple(self.heads.shape)}, channels "
                                 f"{tuple(self.channels.shape)}, layers {tuple(self.layers.shape)}")
 
