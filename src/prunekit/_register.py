@@ -18,7 +18,7 @@ log = logging.getLogger("prunekit")
 
 def _register() -> None:
     try:
-        from prunekit.io.checkpoint import register_with_transformers
+        from prunekit.io.auto import register_with_transformers
 
         register_with_transformers()
     except Exception as error:  # never break the user's import of transformers

@@ -6,10 +6,13 @@ Every user mistake ends with one line on stderr and exit status 2, never a trace
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from prunekit._atomic import check_output_directory, check_output_file
 from prunekit.errors import PrunekitError
 from prunekit.report.console import console_summaries
 
@@ -160,7 +163,17 @@ def _add_prune_parsers(commands) -> None:
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so every cleanup (temporary directories, offload files) runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -176,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("prunekit: terminated", file=sys.stderr)
+        return 143
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -201,8 +217,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sources = args.ppl or ["sample"]
     for source in sources:
         check_source(source)
-    if args.json is not None and args.json.is_dir():
-        raise PrunekitError(f"--json {args.json} is a directory; give a file path")
+    if args.max_tokens < args.seqlen:
+        raise PrunekitError(f"--max-tokens {args.max_tokens} is less than one window of --seqlen {args.seqlen}")
+    if args.json is not None:
+        check_output_file(args.json)
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     resolve_bos(tokenizer, args.bos)
     seqlen = _cap_seqlen(model, args.seqlen)
@@ -239,8 +257,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shapes)
     if args.decode_tokens < 0 or args.decode_tokens == 1:
         raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {args.decode_tokens}")
-    if args.json is not None and args.json.is_dir():
-        raise PrunekitError(f"--json {args.json} is a directory; give a file path")
+    if args.json is not None:
+        check_output_file(args.json)
     results = []
     for name in [args.model, *([args.vs] if args.vs else [])]:
         model, _ = prunekit.load_model(name, args.dtype, args.device, args.trust_remote_code)
@@ -290,8 +308,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     options = _parse_options(args.option)
     state_path = _prune_target(args, info, options)
     info.configure(options)  # every option checked before the model loads
-    if args.out.exists() and not args.overwrite:
-        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    check_output_directory(args.out, args.overwrite)
+    if args.json is not None:
+        check_output_file(args.json)
+    _check_token_counts(args, info)
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
         check_source(source)
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
@@ -345,8 +365,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
     from prunekit.methods.run import replayable_plan
     from prunekit.structure.params import measured_ratios
 
-    if args.out.exists() and not args.overwrite:
-        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    check_output_directory(args.out, args.overwrite)
     if not args.plan.is_file():
         raise PrunekitError(f"--plan {args.plan} does not exist")
     plan = replayable_plan(read_plan(args.plan), str(args.plan))
@@ -365,12 +384,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.io.export import export_uniform
 
-    if args.out.exists() and not args.overwrite:
-        raise PrunekitError(f"--out {args.out} already exists; choose another path or pass --overwrite")
+    check_output_directory(args.out, args.overwrite)
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
     return 0
+
+
+def _check_token_counts(args: argparse.Namespace, info) -> None:
+    """Calibration and evaluation sizes must each hold at least one window (checked before the model loads)."""
+    seqlen = args.seqlen or info.calibration_seqlen
+    tokens = args.calib_tokens or info.calibration_tokens
+    if info.capabilities.needs_calibration and tokens < seqlen:
+        raise PrunekitError(f"--calib-tokens {tokens} is less than one window of --seqlen {seqlen}")
+    eval_seqlen = args.eval_seqlen or seqlen
+    if not args.no_eval and args.eval_tokens < eval_seqlen:
+        raise PrunekitError(f"--eval-tokens {args.eval_tokens} is less than one window of {eval_seqlen} tokens "
+                            "(--eval-seqlen, else --seqlen)")
 
 
 def _cap_seqlen(model, seqlen: int) -> int:

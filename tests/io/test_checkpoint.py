@@ -121,8 +121,10 @@ def test_missing_unexpected_or_misshaped_tensor_is_named(tmp_path, change, patte
     else:
         tensors[name] = torch.zeros(3, 64)
     save_file(tensors, weights)
-    with pytest.raises(PrunekitError, match=pattern):
+    with pytest.raises(PrunekitError, match="does not match the SHA-256 in prunekit.json"):
         prunekit.load_pruned(tmp_path / "ckpt", with_tokenizer=False)
+    with pytest.raises(PrunekitError, match=pattern):  # the strict load names the tensor
+        prunekit.load_pruned(tmp_path / "ckpt", with_tokenizer=False, verify=False)
 
 
 def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):

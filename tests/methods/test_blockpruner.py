@@ -255,7 +255,7 @@ def test_block_type_restricts_the_candidates():
 @pytest.mark.parametrize(
     "options,target,pattern",
     [
-        ({"blocks": 7}, None, "more than the 6 sub-blocks"),
+        ({"blocks": 7}, None, "more than the 5 sub-blocks"),
         ({"block_type": "attn"}, Target(0.9), "out of reach"),
         ({"block_type": "ffn", "blocks": 1}, None, "block_type='ffn' .* takes one of mix, attn, mlp"),
         ({"search": "quick", "blocks": 1}, None, "search='quick' .* takes one of fast, prefix, plain"),

@@ -93,7 +93,7 @@ def test_layer_methods_cli(capsys, tmp_path, model_dir, method, artifact):
         (["--method", "sleb", "--blocks", "1", "--block-type", "attn"], "which 'sleb' does not have"),
         (["--method", "blockpruner", "--blocks", "2", "--block-type", "ffn"], "invalid choice: 'ffn'"),
         (["--method", "blockpruner", "--blocks", "0"], "--blocks: must be at least 1"),
-        (["--method", "blockpruner", "--blocks", "99"], "more than the 8 sub-blocks"),
+        (["--method", "blockpruner", "--blocks", "99"], "more than the 7 sub-blocks"),
     ],
 )
 def test_bad_depth_flags_exit_2_with_one_line(capsys, tmp_path, model_dir, extra, pattern):

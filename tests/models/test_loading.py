@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prunekit
+from prunekit._hashing import file_sha256
 from prunekit.errors import PrunekitError
 from prunekit.models import bundled, loading
 from tests.conftest import make_tiny_model, requires_smollm2
@@ -102,7 +103,7 @@ def test_interrupted_conversion_leaves_no_loadable_directory(monkeypatch, tmp_pa
     payload.write_bytes(b"x")
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bundled, "gguf_part_paths", lambda m: [payload])
-    monkeypatch.setitem(bundled.BUNDLED, model.name, dataclasses.replace(model, sha256=bundled.sha256_of(payload)))
+    monkeypatch.setitem(bundled.BUNDLED, model.name, dataclasses.replace(model, sha256=file_sha256(payload)))
 
     def dies_halfway(source, destination):
         (destination / "config.json").write_text("{}")

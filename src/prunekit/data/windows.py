@@ -123,12 +123,15 @@ def evaluation_windows(
 ) -> TokenWindows:
     """Consecutive windows from the start of a corpus's evaluation split (at most ``max_tokens`` tokens)."""
     _check_seqlen(seqlen)
+    if max_tokens is not None and max_tokens < seqlen:
+        raise PrunekitError(f"evaluating at most {max_tokens} tokens is less than one window of {seqlen}; "
+                            "raise the token count or lower the window length")
     mode = resolve_bos(tokenizer, bos)
     corpus = load_corpus(source, split)
     stream = tokenize_stream(tokenizer, corpus, None if max_tokens is None else max_tokens + seqlen)
     windows, starts = _cut_windows(stream, seqlen, mode, tokenizer.bos_token_id)
     if max_tokens is not None:
-        windows, starts = windows[: max(1, max_tokens // seqlen)], starts[: max(1, max_tokens // seqlen)]
+        windows, starts = windows[: max_tokens // seqlen], starts[: max_tokens // seqlen]
     if len(windows) == 0:
         raise PrunekitError(
             f"'{corpus_label(source)}' {split} split has {len(stream)} tokens, fewer than one window of {seqlen}; "

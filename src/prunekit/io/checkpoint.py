@@ -2,10 +2,11 @@
 
 A checkpoint directory holds ``model.safetensors`` (tied tensors stored once), ``config.json`` (model_type
 ``prunekit``, wrapping the dense model's config), the tokenizer files and ``prunekit.json`` (the plan, the method
-settings, the metrics measured at prune time). Loading rebuilds the dense architecture from the wrapped config,
-applies the plan (so every tensor has its pruned shape) and loads the weights strictly: a missing, unexpected or
-mis-shaped tensor is an error that names it, never a silent re-initialisation. After ``import prunekit``,
-``AutoModelForCausalLM.from_pretrained(dir)`` goes through the same path.
+settings, the metrics measured at prune time, and the SHA-256 of the weights file). Loading checks the digest
+(streamed; ``verify=False`` skips it for very large models), rebuilds the dense architecture from the wrapped
+config, applies the plan (so every tensor has its pruned shape) and loads the weights strictly: a missing,
+unexpected or mis-shaped tensor, or a changed byte, is an error that names it, never a silent re-initialisation.
+``AutoModelForCausalLM.from_pretrained(dir)`` goes through the same path (``prunekit.io.auto``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from prunekit._atomic import atomic_directory
+from prunekit._hashing import file_sha256
 from prunekit.errors import PrunekitError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -37,28 +39,6 @@ class PrunedConfig(PretrainedConfig):
     def __init__(self, base_config: dict | None = None, **kwargs: Any):
         self.base_config = base_config or {}
         super().__init__(**kwargs)
-
-
-class PrunedModelLoader:
-    """What ``AutoModelForCausalLM`` resolves a ``prunekit`` config to: it delegates to :func:`load_pruned`."""
-
-    config_class = PrunedConfig
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *args: Any, dtype: Any = None, **kwargs: Any) -> nn.Module:
-        if dtype in (None, "auto"):  # the dtype the weights were saved in
-            dtype = json.loads((Path(path) / "config.json").read_text())["base_config"].get("dtype") or "float32"
-        model, _ = load_pruned(path, dtype=dtype, with_tokenizer=False)
-        return model
-
-
-def register_with_transformers() -> None:
-    """Let the Auto classes load prunekit checkpoints (called on ``import prunekit``)."""
-    try:
-        AutoConfig.register(PrunedConfig.model_type, PrunedConfig)
-        AutoModelForCausalLM.register(PrunedConfig, PrunedModelLoader)
-    except ValueError:  # already registered (module reloaded)
-        pass
 
 
 def save_pruned(
@@ -81,10 +61,12 @@ def save_pruned(
     with atomic_directory(directory, overwrite=overwrite) as staging:
         save_file(_unique_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
         os.chmod(staging / WEIGHTS_NAME, 0o644)  # safetensors writes it private; a checkpoint is an ordinary file
+        digests = {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)}
         PrunedConfig(base_config=dense_config, architectures=dense_config.get("architectures")).save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        body = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), **(manifest or {})}
+        body = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "weights_sha256": digests,
+                **(manifest or {})}
         (staging / MANIFEST_NAME).write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
         for name, content in (artifacts or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
@@ -127,24 +109,25 @@ def load_pruned(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     with_tokenizer: bool = True,
+    verify: bool = True,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Rebuild the exact pruned shapes from a checkpoint and load its weights strictly."""
+    """Rebuild the exact pruned shapes from a checkpoint and load its weights strictly (digest checked first)."""
     from prunekit.models.loading import parse_dtype
     from prunekit.structure.materialize import apply_plan
     from prunekit.structure.plan import PruningPlan
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if not isinstance(manifest.get("plan"), dict):
+        raise PrunekitError(f"{directory / MANIFEST_NAME} holds no 'plan'; the checkpoint is incomplete or damaged")
     plan = PruningPlan.from_dict(manifest["plan"])
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise PrunekitError(f"{config_path} is missing; the checkpoint is incomplete")
-    base = dict(json.loads(config_path.read_text()).get("base_config") or {})
-    model_type = base.pop("model_type", None)
-    if model_type is None:
-        raise PrunekitError(f"{config_path} has no base_config.model_type; not a prunekit checkpoint")
-    config = AutoConfig.for_model(model_type, **base)
-    model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
+    base = _base_config(directory / "config.json")
+    if verify:
+        _verify_digest(directory, manifest)
+    config = AutoConfig.for_model(base.pop("model_type"), **base)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), **extra)
     apply_plan(model, plan, edited_weights=True)  # every weight, edited or added, comes from the file next
     _load_weights_strictly(model, directory / WEIGHTS_NAME)
     model = model.to(device).eval()
@@ -154,6 +137,30 @@ def load_pruned(
 
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return model, tokenizer
+
+
+def _base_config(path: Path) -> dict[str, Any]:
+    """The dense config wrapped in a checkpoint's config.json; one-line errors for a missing or damaged file."""
+    if not path.is_file():
+        raise PrunekitError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        base = dict(json.loads(path.read_text()).get("base_config") or {})
+    except (ValueError, AttributeError, TypeError) as error:
+        raise PrunekitError(f"{path} is not a prunekit config ({error})") from None
+    if base.get("model_type") is None:
+        raise PrunekitError(f"{path} has no base_config.model_type; not a prunekit checkpoint")
+    return base
+
+
+def _verify_digest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Compare the weights file with the digest saved beside it (checkpoints older than the digest have none)."""
+    expected = (manifest.get("weights_sha256") or {}).get(WEIGHTS_NAME)
+    path = directory / WEIGHTS_NAME
+    if expected is None or not path.is_file():
+        return  # no digest to check, or a missing file, which the strict load names
+    if file_sha256(path) != expected:
+        raise PrunekitError(f"{path} does not match the SHA-256 in {MANIFEST_NAME}: the weights changed after saving; "
+                            "re-save the checkpoint (or load with verify=False to skip the check)")
 
 
 def _load_weights_strictly(model: nn.Module, path: Path) -> None:

@@ -8,14 +8,17 @@ hidden_size / num_attention_heads.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prunekit._atomic import atomic_directory
+from prunekit._atomic import OUTPUT_MARKERS, atomic_directory
 from prunekit.errors import PrunekitError
+
+EXPORT_MARKER = OUTPUT_MARKERS[1]  # prunekit-export.json
 
 
 def uniform_shape(plan: Any) -> tuple[int, int, int]:
@@ -62,4 +65,8 @@ def export_uniform(model: nn.Module, tokenizer: Any, directory: str | Path, over
         stock.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        # Where it came from; also marks the directory as prunekit's, so --overwrite may replace it later.
+        provenance = {"format": "prunekit-export", "method": plan.method, "seed": plan.seed,
+                      "settings": plan.settings, "layers": plan.layer_shapes()}
+        (staging / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return directory

@@ -71,4 +71,6 @@ def blockpruner_search(adapter: ArchAdapter, block_type: str = "mix", protect_fi
         return [unit for unit in every if unit not in gone]
 
     identity = {"block_type": block_type, "protect_first_last": protect_first_last}
-    return DepthSearch("blockpruner", candidates, every, identity, "sub-blocks")
+    # At most all but one: a model needs at least one block (with block_type attn or mlp the others stay anyway).
+    largest = every[:-1] if block_type == "mix" and not protect_first_last else every
+    return DepthSearch("blockpruner", candidates, largest, identity, "sub-blocks")

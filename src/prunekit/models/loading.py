@@ -96,7 +96,11 @@ def _looks_like_path(name: str) -> bool:
 def _check_supported_config(directory: Path, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as error:  # not JSON, or JSON that is no model config
+        raise PrunekitError(f"{directory / 'config.json'} cannot be read as a model config: {_first_line(error)}") \
+            from None
     family_spec(config.model_type)
 
 
@@ -105,9 +109,17 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype, trust_remote_code: b
 
     _check_supported_config(directory, trust_remote_code)
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError) as error:  # no or damaged weights, no tokenizer files
+        raise PrunekitError(f"cannot load the model in {directory}: {_first_line(error)}") from None
     return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

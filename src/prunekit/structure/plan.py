@@ -264,6 +264,8 @@ class PruningPlan:
             problem = _attention_problem(checked, adapter) or _mlp_problem(checked, adapter)
             if problem:
                 raise PrunekitError(f"plan layer {index}: {problem}")
+        if not any(layer.has_attention or layer.has_mlp for layer in self.layers):
+            raise PrunekitError("plan removes every block of every layer, which leaves no model; keep at least one")
 
     # -- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
