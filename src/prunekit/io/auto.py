@@ -38,12 +38,28 @@ class PrunedModelLoader:
             raise PrunekitError(f"prunekit checkpoints load from a local directory; {path} is not one")
         dtype = _dtype(directory, kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         device = _device(kwargs.pop("device_map", None))
-        attention = kwargs.pop("attn_implementation", None)
+        attention = kwargs.pop("attn_implementation", None) or _config_overrides(directory, kwargs.get("config"))
         verify = kwargs.pop("verify_weights", True)
         _check_neutral(kwargs)
         model, _ = load_pruned(directory, dtype=dtype, device=device, with_tokenizer=False, verify=verify,
                                attn_implementation=attention)
         return model
+
+
+def _config_overrides(directory: Path, passed: Any) -> str | None:
+    """Config keywords transformers folded into the config it passes (``output_attentions=True``, ...) cannot be
+    honoured: the wrapped dense config is what the checkpoint is. Returns a requested attention implementation."""
+    if passed is None:
+        return None
+    stored = PrunedConfig.from_pretrained(directory).to_dict()
+    changed = sorted(key for key, value in passed.to_dict().items()
+                     if key not in ("_name_or_path", "dtype", "torch_dtype") and stored.get(key) != value)
+    if changed:
+        raise PrunekitError(f"AutoModelForCausalLM.from_pretrained on a prunekit checkpoint cannot honour "
+                            f"{changed[0]}={passed.to_dict()[changed[0]]!r}: its config is the pruned model's own")
+    requested = getattr(passed, "_attn_implementation_internal", None) or getattr(passed, "_attn_implementation",
+                                                                                   None)
+    return requested if isinstance(requested, str) and requested != "sdpa" else None
 
 
 def _dtype(directory: Path, dtype: Any, torch_dtype: Any) -> Any:
