@@ -230,3 +230,22 @@ def test_a_weight_editing_plan_is_refused_on_a_fresh_dense_model():
     old = plan.to_dict()
     del old["weights_edited"], old["added_biases"]  # a plan written before these fields existed
     assert PruningPlan.from_dict(old).weights_edited is None and PruningPlan.from_dict(old).added_biases == []
+
+
+ORDERS = {
+    "transformers first": "import transformers, prunekit",
+    "prunekit first": "import prunekit, transformers",
+    "transformers imported by prunekit's own loader": "import prunekit; prunekit.load_pruned(d, with_tokenizer=False)",
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_auto_model_registration_works_whatever_imports_transformers_first(tmp_path, order):
+    prunekit.save_pruned(_pruned_tiny("llama"), None, tmp_path / "ckpt")
+    script = (f"import sys; d = sys.argv[1]; {ORDERS[order]}\n"
+              "from transformers import AutoModelForCausalLM\n"
+              "print(type(AutoModelForCausalLM.from_pretrained(d)).__name__)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "LlamaForCausalLM" and "could not register" not in done.stderr

@@ -187,7 +187,7 @@ def _random_ids(model: nn.Module, batch: int, length: int, seed: int = 0) -> tor
 def kv_cache_bytes_per_token(model: nn.Module, tokens: int = KV_PROBE_TOKENS, batch: int = 1) -> float:
     """KV-cache bytes per token, measured from the cache a real forward with ``use_cache=True`` builds."""
     output = model(input_ids=_random_ids(model, batch, tokens), use_cache=True)
-    cache = getattr(output, "past_key_values", None)
+    cache = _returned_cache(output)
     if cache is None:
         raise PrunekitError("the model returned no KV cache with use_cache=True; cannot measure KV bytes per token")
     return kv_cache_bytes(cache) / (batch * tokens)
@@ -212,6 +212,17 @@ def _forward_kwargs(model: nn.Module) -> dict:
     """``logits_to_keep=1`` where the model takes it: prefill needs only the last position's logits."""
     parameters = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use the name the model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output) -> object:
+    if "cache" in output:  # transformers >= 5.2x; reading past_key_values there warns
+        return output["cache"]
+    return getattr(output, "past_key_values", None)
 
 
 def _check_length(model: nn.Module, length: int, what: str) -> None:
@@ -251,14 +262,15 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tu
     batch, length = prompt.shape
     with torch.inference_mode():
         output = model(input_ids=prompt, use_cache=True, **extra)
-        cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+        cache, token = _returned_cache(output), output.logits[:, -1].argmax(-1, keepdim=True)
         generated = [token]
+        keyword = _cache_keyword(model)
         _synchronize(device)
         started = time.perf_counter()
         for step in range(new_tokens - 1):
             position = torch.full((batch, 1), length + step, dtype=torch.long, device=device)
-            output = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True, **extra)
-            cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+            output = model(input_ids=token, position_ids=position, use_cache=True, **{keyword: cache}, **extra)
+            cache, token = _returned_cache(output), output.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(token)
         _synchronize(device)
         seconds = time.perf_counter() - started

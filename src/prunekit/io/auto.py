@@ -1,4 +1,4 @@
-"""``AutoModelForCausalLM.from_pretrained(dir)`` for prunekit checkpoints: registration and arguments.
+"""``AutoModelForCausalLM.from_pretrained(dir)`` for prunekit checkpoints: their config class, registration, arguments.
 
 The loader honours what a stock checkpoint honours where it can (``dtype`` / ``torch_dtype``, a single-device
 ``device_map``, ``low_cpu_mem_usage``, ``attn_implementation``), accepts the hub arguments that change nothing for a
@@ -13,10 +13,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from prunekit.errors import PrunekitError
-from prunekit.io.checkpoint import PrunedConfig, load_pruned
+
+
+class PrunedConfig(PretrainedConfig):
+    """config.json of a prunekit checkpoint: the dense model's config, wrapped, so nothing loads it by mistake."""
+
+    model_type = "prunekit"
+
+    def __init__(self, base_config: dict | None = None, **kwargs: Any):
+        self.base_config = base_config or {}
+        super().__init__(**kwargs)
+
 
 # Passed by transformers' Auto classes or common in user code; harmless for a local prunekit checkpoint.
 NEUTRAL = ("config", "trust_remote_code", "local_files_only", "cache_dir", "token", "force_download", "proxies",
@@ -41,6 +51,8 @@ class PrunedModelLoader:
         attention = kwargs.pop("attn_implementation", None) or _config_overrides(directory, kwargs.get("config"))
         verify = kwargs.pop("verify_weights", True)
         _check_neutral(kwargs)
+        from prunekit.io.checkpoint import load_pruned  # checkpoint imports this module: no import at the top
+
         model, _ = load_pruned(directory, dtype=dtype, device=device, with_tokenizer=False, verify=verify,
                                attn_implementation=attention)
         return model

@@ -20,25 +20,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunekit._atomic import atomic_directory
 from prunekit._hashing import file_sha256
 from prunekit.errors import PrunekitError
+from prunekit.io.auto import PrunedConfig
 
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "prunekit.json"
 FORMAT_VERSION = 1
-
-
-class PrunedConfig(PretrainedConfig):
-    """config.json of a prunekit checkpoint: the dense model's config, wrapped, so nothing loads it by mistake."""
-
-    model_type = "prunekit"
-
-    def __init__(self, base_config: dict | None = None, **kwargs: Any):
-        self.base_config = base_config or {}
-        super().__init__(**kwargs)
 
 
 def save_pruned(
