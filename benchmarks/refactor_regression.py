@@ -3,7 +3,7 @@
 Records (``--record``) or checks (``--check``, the default) on the real SmolLM2-135M, fp32:
 
 - ``slimgpt`` and ``magnitude`` at 20% of all parameters, calibration 128 random windows x 512 tokens of the
-  ``sample`` calibration split (seed 0, the CLI defaults): the plan's per-layer keep lists and a SHA-256 of every
+  ``sample`` calibration split (seed 0, the CLI defaults): a SHA-256 of the plan's per-layer keep lists and of every
   tensor of the materialised model;
 - the BlockPruner golden case (``../shared/fixtures/blockpruner-golden``): the first ``--golden-steps`` steps, the
   unit removed and the exact calibration NLL sum of each (float repr, compared with ``==``).
@@ -39,12 +39,17 @@ def weight_digests(model: torch.nn.Module) -> dict[str, str]:
             for name, tensor in sorted(model.state_dict().items())}
 
 
+def layers_digest(layers: list[dict]) -> str:
+    """SHA-256 of a plan's per-layer keep lists (the lists themselves run to 70,000 lines of JSON)."""
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()
+
+
 def width_case(method: str) -> dict:
     model, tokenizer = prunekit.load_model("smollm2-135m")
     calibration = calibration_windows(tokenizer, "sample", 128 * 512, 512, "random", seed=0)
     started = time.perf_counter()
     result = prunekit.prune(model, tokenizer, method, 0.2, calibration=calibration, progress=False)
-    return {"layers": result.plan.to_dict()["layers"], "weights": weight_digests(result.model),
+    return {"layers_sha256": layers_digest(result.plan.to_dict()["layers"]), "weights": weight_digests(result.model),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -67,7 +72,7 @@ def run(steps: int) -> dict:
 def compare(recorded: dict, current: dict) -> list[str]:
     problems = []
     for method in ("slimgpt", "magnitude"):
-        if recorded[method]["layers"] != current[method]["layers"]:
+        if recorded[method]["layers_sha256"] != current[method]["layers_sha256"]:
             problems.append(f"{method}: the plan differs")
         changed = [name for name, digest in recorded[method]["weights"].items()
                    if current[method]["weights"].get(name) != digest]

@@ -86,14 +86,15 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None, default: Any = None) -> Path:
+def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None, default: Any = None,
+                      allow_nan: bool = False) -> Path:
     """Write ``payload`` as JSON to ``path``: the old file stays intact until the new one is complete.
 
-    Non-finite floats are refused (``allow_nan=False``), so every file is strict JSON.
+    Non-finite floats are refused unless ``allow_nan`` (states are strict JSON; reports may carry a NaN).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=indent, allow_nan=False, default=default) + "\n"
+    text = json.dumps(payload, indent=indent, allow_nan=allow_nan, default=default) + "\n"
     handle, staging = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as stream:

@@ -366,8 +366,6 @@ def _cmd_save(args: argparse.Namespace) -> int:
     from prunekit.structure.params import measured_ratios
 
     check_output_directory(args.out, args.overwrite)
-    if not args.plan.is_file():
-        raise PrunekitError(f"--plan {args.plan} does not exist")
     plan = replayable_plan(read_plan(args.plan), str(args.plan))
     model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     adapter = prunekit.adapter_for(model)
@@ -412,10 +410,10 @@ def _cap_seqlen(model, seqlen: int) -> int:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically, so an interrupted run never leaves a truncated file."""
+    """Write a report atomically, so an interrupted run never leaves a truncated file (NaN stays readable)."""
     from prunekit._atomic import write_json_atomic
 
-    write_json_atomic(path, payload, indent=2)
+    write_json_atomic(path, payload, indent=2, allow_nan=True)
 
 
 if __name__ == "__main__":

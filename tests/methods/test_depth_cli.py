@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,8 +103,10 @@ def test_bad_depth_flags_exit_2_with_one_line(capsys, tmp_path, model_dir, extra
     assert not (tmp_path / "never").exists()
 
 
-def test_a_killed_search_resumes_from_its_last_step_with_the_same_schedule(tmp_path, tiny_tokenizer):
-    """SIGKILL mid-search (no cleanup runs), then the same command again: it continues and matches a fresh run."""
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_search_resumes_from_its_last_step_with_the_same_schedule(tmp_path, tiny_tokenizer, how):
+    """SIGKILL (no cleanup runs) or SIGTERM (cleanup runs) mid-search, then the same command again: it continues
+    from the last finished step and matches a fresh run."""
     model_dir = tmp_path / "tiny-llama-8"
     peaked_model("llama", layers=8).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -125,8 +128,10 @@ def test_a_killed_search_resumes_from_its_last_step_with_the_same_schedule(tmp_p
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
-        process.kill()
+        process.send_signal(how)
         process.wait()
+    assert process.returncode == (143 if how == signal.SIGTERM else -signal.SIGKILL)
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp")]
     done = len(json.loads(state.read_text())["steps"])
     assert 1 <= done < 6 and not out.exists()  # nothing half-written at --out
     assert subprocess.run(command(out), capture_output=True, timeout=240, env=env).returncode == 0
