@@ -8,8 +8,8 @@ Records (``--record``) or checks (``--check``, the default) on the real SmolLM2-
 - the BlockPruner golden case (``../shared/fixtures/blockpruner-golden``): the first ``--golden-steps`` steps, the
   unit removed and the exact calibration NLL sum of each (float repr, compared with ``==``).
 
-Results go to ``benchmarks/results/refactor_regression.json`` (record) and the check prints one line per item and
-exits 1 on any difference.
+Results go to ``benchmarks/results/refactor_regression.json`` (record); the check prints one line per item, writes
+``refactor_regression_check.json`` (outcome, timings, machine, date) and exits 1 on any difference.
 
     .venv/bin/python benchmarks/refactor_regression.py --record     # before the change
     .venv/bin/python benchmarks/refactor_regression.py              # after it
@@ -31,6 +31,7 @@ from prunekit.data import TokenWindows, calibration_windows
 from prunekit.evaluation.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refactor_regression.json"
+CHECK = RESULTS.with_name("refactor_regression_check.json")
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "blockpruner-golden" / "calibration.txt"
 
 
@@ -96,10 +97,17 @@ def main() -> int:
                                        **current}, indent=1) + "\n")
         print(f"recorded {RESULTS}")
         return 0
-    problems = compare(json.loads(RESULTS.read_text()), current)
+    recorded = json.loads(RESULTS.read_text())
+    problems = compare(recorded, current)
     for method in ("slimgpt", "magnitude", "blockpruner_golden"):
-        print(f"{method}: {current[method]['seconds']} s")
+        print(f"{method}: {current[method]['seconds']} s (recorded: {recorded[method]['seconds']} s)")
     print("\n".join(problems) if problems else "identical: plans, every weight tensor, golden steps and NLL sums")
+    CHECK.write_text(json.dumps({"machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "problems": problems,
+                                 "seconds": {method: current[method]["seconds"] for method in recorded
+                                             if isinstance(recorded[method], dict) and "seconds" in recorded[method]},
+                                 "recorded_seconds": {method: recorded[method]["seconds"] for method in
+                                                      ("slimgpt", "magnitude", "blockpruner_golden")}}, indent=1)
+                     + "\n")
     return 1 if problems else 0
 
 

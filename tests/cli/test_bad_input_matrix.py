@@ -128,6 +128,7 @@ def test_an_unwritable_json_is_refused_before_the_work(capsys, tmp_path, tiny_mo
     (["prune", "--method", "slimgpt", "--ratio", "0.2", "--calib-tokens", "100", "--seqlen", "512"],
      "--calib-tokens 100 is less than one window of --seqlen 512"),
     (["eval", "--max-tokens", "100", "--seqlen", "512"], "--max-tokens 100 is less than one window of --seqlen 512"),
+    (["prune", "--method", "slimgpt", "--ratio", "0.2", "--seed", str(2**70)], "--seed: must be in [-2**63, 2**64)"),
 ])
 def test_inconsistent_token_counts_are_refused_before_the_work(capsys, tmp_path, no_model_loading, argv, pattern):
     out = ["--out", tmp_path / "o"] if argv[0] == "prune" else []
@@ -188,6 +189,9 @@ def test_auto_model_honours_dtype_and_device_map_or_refuses(tmp_path):
     assert next(AutoModelForCausalLM.from_pretrained(checkpoint, dtype="float16").parameters()).dtype == torch.float16
     with pytest.raises(PrunekitError, match="cannot honour output_attentions=True"):
         AutoModelForCausalLM.from_pretrained(checkpoint, output_attentions=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(PrunekitError, match="no CUDA GPU is available"):
+            AutoModelForCausalLM.from_pretrained(checkpoint, device_map="cuda")
     with pytest.raises(PrunekitError, match="load onto one device"):
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"model": "cpu", "lm_head": "meta"})
 

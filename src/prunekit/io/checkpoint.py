@@ -104,11 +104,11 @@ def load_pruned(
     attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Rebuild the exact pruned shapes from a checkpoint and load its weights strictly (digest checked first)."""
-    from prunekit.models.loading import parse_dtype
+    from prunekit.models.loading import parse_device, parse_dtype
     from prunekit.structure.materialize import apply_plan
     from prunekit.structure.plan import PruningPlan
 
-    directory = Path(directory)
+    directory, device = Path(directory), parse_device(device)
     manifest = read_manifest(directory)
     if not isinstance(manifest.get("plan"), dict):
         raise PrunekitError(f"{directory / MANIFEST_NAME} holds no 'plan'; the checkpoint is incomplete or damaged")

@@ -1,0 +1,167 @@
+"""The ``prunekit`` command's arguments: every subcommand, option, type check and help text (no heavy imports, so
+``--help`` answers at once)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunekit.errors import PrunekitError
+
+NO_PROGRESS_HELP = "hide progress bars (the per-step and per-layer summary lines still print)"
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line naming the problem and pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PrunekitError(f"{message} (see: {self.prog} --help)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="smollm2-135m",
+        help="bundled name (see 'prunekit models'), local HF or pruned directory, .gguf file, or hub id "
+        "(default: smollm2-135m)",
+    )
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a hub model")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed torch's generators accept: an integer in [-2**63, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="prunekit",
+        description="Training-free structured pruning of LLMs: prune, evaluate, benchmark, save and reload.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+
+    commands.add_parser("models", help="list the bundled offline models", description="List the bundled offline "
+                        "models: name, architecture, parameters, whether installed and whether converted (cached).")
+
+    evaluate = commands.add_parser(
+        "eval", help="measure perplexity", description="Measure perplexity on the evaluation split of corpora "
+        "(windows of --seqlen tokens, one after another from the start of the split; see README 'Perplexity').",
+    )
+    _add_model_options(evaluate)
+    evaluate.add_argument(
+        "--ppl", action="append", metavar="NAME_OR_PATH",
+        help="corpus: sample, kjv, pydocs, wikitext2, ptb, c4, alpaca, or a .txt/.jsonl file (whole file); "
+        "repeat for several (default: sample)",
+    )
+    evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: 2048)")
+    evaluate.add_argument(
+        "--max-tokens", type=_positive_int, default=65536,
+        help="evaluate at most this many tokens per corpus (default: 65536)",
+    )
+    evaluate.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+
+    bench = commands.add_parser(
+        "bench", help="measure speed and memory", description="Measure prefill and decode throughput (median "
+        "and min-max of repeated runs after a warm-up), parameters, weight bytes, KV-cache bytes per token and "
+        "peak memory (see prunekit.evaluation.speed for exactly what is measured).",
+    )
+    _add_model_options(bench)
+    bench.add_argument(
+        "--vs", metavar="MODEL", help="also benchmark MODEL (e.g. the dense original) and print --model / --vs ratios"
+    )
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per measurement (default: 5)")
+    bench.add_argument(
+        "--shapes", default="1x128,1x512,4x512", help="prefill BATCHxLENGTH shapes (default: 1x128,1x512,4x512)"
+    )
+    bench.add_argument(
+        "--decode-tokens", type=int, default=64, help="greedy tokens per decode run, 0 to skip decode (default: 64)"
+    )
+    bench.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
+    _add_prune_parsers(commands)
+    return parser
+
+
+def _add_prune_parsers(commands) -> None:
+    methods = commands.add_parser("methods", help="list the pruning methods and their options",
+                                  description="List every registered pruning method: what it prunes, what it needs, "
+                                  "and every option with its type, default and help.")
+    methods.add_argument("--all", action="store_true", help="also list internal tuning options")
+    prune = commands.add_parser(
+        "prune", help="prune a model and save the checkpoint",
+        description="Calibrate, prune with --method to --ratio, materialise (weights really shrink), measure "
+        "perplexity before and after on evaluation text disjoint from the calibration text, and save. The greedy "
+        "depth searches (blockpruner, sleb) keep their finished steps in OUT.METHOD-state.json while they run; "
+        "rerunning the same command resumes them, and the file is deleted once the checkpoint is saved.",
+    )
+    _add_model_options(prune)
+    prune.add_argument("--method", required=True, help="pruning method (see 'prunekit methods')")
+    prune.add_argument("--ratio", type=float,
+                       help="fraction to remove, e.g. 0.2 (required, except that depth methods take --blocks instead)")
+    prune.add_argument("--blocks", type=_positive_int, metavar="K",
+                       help="depth methods (blockpruner, shortgpt, sleb): remove exactly K units (sub-blocks or "
+                       "layers) instead of giving --ratio")
+    prune.add_argument("--block-type", choices=["mix", "attn", "mlp"],
+                       help="blockpruner: which sub-blocks are candidates (default: mix)")
+    prune.add_argument("--ratio-of", default="all", choices=["all", "linear"],
+                       help="what --ratio counts: all parameters (default) or decoder-layer linear weights")
+    prune.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prune.add_argument("--calib", default="sample", metavar="NAME_OR_PATH",
+                       help="calibration corpus or .txt/.jsonl file (default: sample; a file is used whole)")
+    prune.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens (default: the method's)")
+    prune.add_argument("--seqlen", type=_positive_int, help="calibration window length (default: the method's)")
+    prune.add_argument("--calib-windows", default="random", choices=["random", "sequential"],
+                       help="seeded random windows, or consecutive windows from the start (default: random)")
+    prune.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
+    prune.add_argument("--seed", type=_seed, default=0,
+                       help="seed for calibration sampling and the method (default: 0)")
+    prune.add_argument("--eval", default="sample", metavar="NAME_OR_PATH",
+                       help="perplexity corpus, evaluation split (default: sample)")
+    prune.add_argument("--eval-tokens", type=_positive_int, default=16384,
+                       help="evaluation tokens before and after (default: 16384)")
+    prune.add_argument("--eval-seqlen", type=_positive_int, help="evaluation window length (default: --seqlen)")
+    prune.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a method hyperparameter (repeatable; see 'prunekit methods')")
+    prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
+    prune.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+
+    save = commands.add_parser(
+        "save", help="apply a plan JSON to a model and save the checkpoint",
+        description="Apply a pruning plan (JSON, as found under 'plan' in a checkpoint's prunekit.json) to a fresh "
+        "copy of the dense model, materialise it and save a prunekit checkpoint.",
+    )
+    _add_model_options(save)
+    save.add_argument("--plan", type=Path, required=True, help="plan JSON file")
+    save.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    save.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    export = commands.add_parser(
+        "export", help="export a pruned checkpoint as a plain transformers checkpoint",
+        description="Write a pruned model whose surviving layers all have the same shape as a stock Hugging Face "
+        "checkpoint that transformers loads without prunekit.",
+    )
+    _add_model_options(export)
+    export.add_argument("--uniform", action="store_true", required=True,
+                        help="export with one global head/channel count (the only export kind so far)")
+    export.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
