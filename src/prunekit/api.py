@@ -28,14 +28,16 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    verify: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
     ``name_or_path`` is a bundled name (``prunekit models`` lists them), a local Hugging Face directory, a
-    prunekit checkpoint directory, a ``.gguf`` file, or a hub id (only where the network allows).
+    prunekit checkpoint directory, a ``.gguf`` file, or a hub id (only where the network allows). ``verify``:
+    check a pruned checkpoint's weights against their SHA-256 (skip it for very large models).
     """
     if is_pruned_checkpoint(name_or_path):
-        return load_pruned(name_or_path, dtype=parse_dtype(dtype), device=parse_device(device))
+        return load_pruned(name_or_path, dtype=parse_dtype(dtype), device=parse_device(device), verify=verify)
     return load_dense_model(name_or_path, dtype, device, trust_remote_code)
 
 

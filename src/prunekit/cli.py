@@ -76,7 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise PrunekitError(f"--max-tokens {args.max_tokens} is less than one window of --seqlen {args.seqlen}")
     if args.json is not None:
         check_output_file(args.json)
-    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = _load(args)
     resolve_bos(tokenizer, args.bos)
     seqlen = _cap_seqlen(model, args.seqlen)
     results = {}
@@ -104,7 +104,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import gc
 
-    import prunekit
     from prunekit.evaluation.speed import benchmark_speed, compare_speed, parse_shapes
     from prunekit.report import format_table
     from prunekit.report.speed import speed_table
@@ -116,7 +115,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         check_output_file(args.json)
     results = []
     for name in [args.model, *([args.vs] if args.vs else [])]:
-        model, _ = prunekit.load_model(name, args.dtype, args.device, args.trust_remote_code)
+        model, _ = _load(args, name, need_tokenizer=False)
         results.append(benchmark_speed(model, shapes, args.decode_tokens, args.repeats, label=str(name)))
         del model  # one model in memory at a time, so the second one's peak is its own
         gc.collect()
@@ -153,7 +152,6 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    import prunekit
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import calibration_windows, evaluation_windows
     from prunekit.methods import method_info, prune
@@ -169,7 +167,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _check_token_counts(args, info)
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
         check_source(source)
-    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = _load(args)
     seqlen = _cap_seqlen(model, args.seqlen or info.calibration_seqlen)
     calibration = None
     if info.capabilities.needs_calibration:
@@ -222,7 +220,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
     check_output_directory(args.out, args.overwrite)
     plan = replayable_plan(read_plan(args.plan), str(args.plan))
-    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = _load(args)
     adapter = prunekit.adapter_for(model)
     prunekit.apply_plan(model, plan)
     metrics = {"parameters": measured_ratios(model, adapter).to_dict()}
@@ -234,14 +232,25 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import prunekit
     from prunekit.io.export import export_uniform
 
     check_output_directory(args.out, args.overwrite)
-    model, tokenizer = prunekit.load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = _load(args)
     export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
     return 0
+
+
+def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True):
+    """The model named by ``--model`` (or ``name``) with the shared loading options, and its tokenizer."""
+    import prunekit
+
+    model, tokenizer = prunekit.load_model(name or args.model, args.dtype, args.device, args.trust_remote_code,
+                                           verify=not args.no_verify)
+    if need_tokenizer and tokenizer is None:
+        raise PrunekitError(f"{name or args.model} has no tokenizer files, which this command needs; save the model "
+                            "with its tokenizer")
+    return model, tokenizer
 
 
 def _check_token_counts(args: argparse.Namespace, info) -> None:

@@ -26,6 +26,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a hub model")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the SHA-256 check of a pruned checkpoint's weights (for very large models)")
 
 
 def _positive_int(text: str) -> int:

@@ -177,6 +177,10 @@ def test_changed_weights_are_caught_by_the_digest(tmp_path):
         prunekit.load_pruned(checkpoint, with_tokenizer=False)
     assert "\n" not in str(error.value)
     prunekit.load_pruned(checkpoint, with_tokenizer=False, verify=False)  # the opt-out for very large models
+    assert main(["eval", "--model", str(checkpoint), "--max-tokens", "64", "--seqlen", "32"]) == 2  # the digest
+    assert main(["eval", "--model", str(checkpoint), "--no-verify", "--max-tokens", "64", "--seqlen", "32"]) == 2
+    assert main(["bench", "--model", str(checkpoint), "--no-verify", "--shapes", "1x8", "--decode-tokens", "0",
+                 "--repeats", "1"]) == 0
 
 
 def test_auto_model_honours_dtype_and_device_map_or_refuses(tmp_path):

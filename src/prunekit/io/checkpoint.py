@@ -124,10 +124,24 @@ def load_pruned(
     model = model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = _tokenizer(directory)
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _tokenizer(directory: Path) -> Any:
+    """The checkpoint's tokenizer, or None when it was saved without one (``save_pruned(model, None, ...)``)."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        raise PrunekitError(f"the tokenizer files in {directory} cannot be loaded ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def _base_config(path: Path) -> dict[str, Any]:
@@ -151,7 +165,7 @@ def _verify_digest(directory: Path, manifest: dict[str, Any]) -> None:
         return  # no digest to check, or a missing file, which the strict load names
     if file_sha256(path) != expected:
         raise PrunekitError(f"{path} does not match the SHA-256 in {MANIFEST_NAME}: the weights changed after saving; "
-                            "re-save the checkpoint (or load with verify=False to skip the check)")
+                            "re-save the checkpoint (or skip the check: --no-verify, or verify=False in Python)")
 
 
 def _load_weights_strictly(model: nn.Module, path: Path) -> None:
