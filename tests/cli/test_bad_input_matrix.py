@@ -20,14 +20,6 @@ from tests.conftest import make_tiny_model
 PRUNE_FAST = ["--calib-tokens", "256", "--seqlen", "32", "--no-eval", "--no-progress"]
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_tokenizer):
-    directory = tmp_path / "tiny-llama"
-    make_tiny_model("llama", layers=3).save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
-    return directory
-
-
 def _run(capsys, *argv):
     capsys.readouterr()
     code = main([str(arg) for arg in argv])

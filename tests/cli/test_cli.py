@@ -8,14 +8,6 @@ from prunekit.cli import build_parser, main
 from tests.conftest import make_tiny_model, requires_smollm2
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_tokenizer):
-    directory = tmp_path / "tiny-llama"
-    make_tiny_model("llama").save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
-    return directory
-
-
 def _run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()

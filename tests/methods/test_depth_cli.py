@@ -11,15 +11,13 @@ import torch
 import prunekit
 from prunekit.cli import main
 from prunekit.methods.depth import Unit, plan_from_units
+from tests.conftest import model_directory
 from tests.methods.depth_helpers import peaked_model
 
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer):
-    directory = tmp_path / "tiny-llama"
-    peaked_model("llama", layers=4).save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
-    return directory
+    return model_directory(peaked_model("llama", layers=4), tiny_tokenizer, tmp_path / "tiny-llama")
 
 
 def _prune(capsys, model_dir, out, *extra):

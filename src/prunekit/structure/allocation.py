@@ -34,6 +34,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.costs import CHANNEL, KV_GROUP, KV_HEAD, QUERY_HEAD, UnitCosts
 from prunekit.structure.gqa import prune_channels, prune_kv_groups, prune_q_heads
+from prunekit.structure.params import dense_parameter_counts
 from prunekit.structure.plan import PruningPlan
 from prunekit.structure.schedules import layer_ratios
 
@@ -151,8 +152,6 @@ def select_global(plan: PruningPlan, adapter: ArchAdapter, scores: UnitScores, r
                   min_channels: int = 1) -> PruningPlan:
     """Remove units in order of score across every layer and both types until the removed parameters (in the
     measure ``of``) are closest to ``ratio`` of the dense model's; see the module docstring."""
-    from prunekit.structure.params import dense_parameter_counts
-
     if min_groups < 1 or min_channels < 0:
         raise PrunekitError(f"per-layer floors must keep at least one attention unit and no negative number of "
                             f"channels (got {min_groups}, {min_channels}); remove whole blocks with a depth method")
