@@ -86,11 +86,6 @@ class Capabilities:
         if self.kind not in (WIDTH, DEPTH):
             raise ValueError(f"method kind must be {WIDTH} or {DEPTH}, not {self.kind!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "needs_calibration": self.needs_calibration,
-                "needs_gradients": self.needs_gradients, "edits_weights": self.edits_weights,
-                "resumable": self.resumable, "nested": self.nested}
-
 
 @dataclass
 class PruneContext:

@@ -33,7 +33,7 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.costs import CHANNEL, KV_GROUP, KV_HEAD, QUERY_HEAD, UnitCosts
-from prunekit.structure.gqa import prune_channels, prune_kv_groups, prune_q_heads
+from prunekit.structure.gqa import prune_channels, prune_kv_groups, prune_q_heads, score_row
 from prunekit.structure.params import dense_parameter_counts
 from prunekit.structure.plan import PruningPlan
 from prunekit.structure.schedules import layer_ratios
@@ -159,7 +159,7 @@ def select_global(plan: PruningPlan, adapter: ArchAdapter, scores: UnitScores, r
     goal = ratio * (dense.layer_linear if of == "linear" else dense.total)
     candidates = _attention_candidates(plan, adapter, scores, attention_unit, of, standardize)
     candidates += _channel_candidates(plan, adapter, scores, of, standardize)
-    left_attention = {index: _attention_left(layer, attention_unit, adapter.heads_per_group)
+    left_attention = {index: _attention_left(layer, attention_unit)
                       for index, layer in enumerate(plan.layers) if layer.has_attention}
     left_channels = {index: len(layer.kept_channels) for index, layer in enumerate(plan.layers) if layer.has_mlp}
     removed_cost, chosen = 0.0, []
@@ -172,10 +172,10 @@ def select_global(plan: PruningPlan, adapter: ArchAdapter, scores: UnitScores, r
         left[unit.layer] -= 1
         removed_cost += unit.cost
         chosen.append(unit)
-    return _apply_global(plan, adapter, scores, chosen, attention_unit)
+    return _apply_global(plan, scores, chosen, attention_unit)
 
 
-def _attention_left(layer, attention_unit: str, heads_per_group: int) -> int:
+def _attention_left(layer, attention_unit: str) -> int:
     """Attention units a layer still has: KV groups, or query heads per group in q-head mode."""
     if attention_unit == "q_head":
         return len(layer.kept_heads) // len(layer.kept_kv_heads)
@@ -196,7 +196,8 @@ def _attention_candidates(plan, adapter, scores, attention_unit, of, standardize
     for index, layer in enumerate(plan.layers):
         if not layer.has_attention:
             continue
-        row = _row(scores.attention, index, adapter.num_heads if attention_unit == "q_head" else adapter.num_kv_heads)
+        width = adapter.num_heads if attention_unit == "q_head" else adapter.num_kv_heads
+        row = score_row(scores.attention, index, width)
         if attention_unit == "kv_group":
             values = _standardized([row[group] for group in layer.kept_kv_heads], standardize)
             candidates += [_Candidate(value, costs.cost(KV_GROUP, of), index, "attention", group)
@@ -217,14 +218,14 @@ def _channel_candidates(plan, adapter, scores, of, standardize) -> list[_Candida
     candidates = []
     for index, layer in enumerate(plan.layers):
         if layer.has_mlp:
-            row = _row(scores.channels, index, adapter.intermediate_size)
+            row = score_row(scores.channels, index, adapter.intermediate_size)
             values = _standardized([row[channel] for channel in layer.kept_channels], standardize)
             candidates += [_Candidate(value, cost, index, "channel", channel)
                            for value, channel in zip(values, layer.kept_channels, strict=True)]
     return candidates
 
 
-def _apply_global(plan, adapter, scores, chosen: list[_Candidate], attention_unit: str) -> PruningPlan:
+def _apply_global(plan, scores, chosen: list[_Candidate], attention_unit: str) -> PruningPlan:
     attention = [0] * len(plan.layers)
     channels: dict[int, set[int]] = {}
     groups: dict[int, set[int]] = {}
@@ -244,15 +245,3 @@ def _apply_global(plan, adapter, scores, chosen: list[_Candidate], attention_uni
         plan.keep_channels(index, [channel for channel in plan.layers[index].kept_channels if channel not in removed])
     return plan
 
-
-def _row(rows, index: int, expected: int) -> list[float]:
-    if index >= len(rows) or rows[index] is None:
-        raise PrunekitError(f"no scores given for plan layer {index}")
-    values = rows[index]
-    row = (values.detach().double().flatten().tolist() if isinstance(values, torch.Tensor)
-           else [float(value) for value in values])
-    if len(row) != expected:
-        raise PrunekitError(f"scores of plan layer {index} have {len(row)} entries, expected {expected}")
-    if not all(math.isfinite(value) for value in row):
-        raise PrunekitError(f"scores of plan layer {index} contain NaN or infinite values")
-    return row

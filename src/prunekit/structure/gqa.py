@@ -82,7 +82,7 @@ def prune_kv_groups(
     candidates: dict[int, list[tuple[float, int]]] = {}
     for index, layer in enumerate(plan.layers):
         if layer.has_attention:
-            row = _row(scores, index, plan.dense["num_heads"] if scores_are == "heads" else n_kv)
+            row = score_row(scores, index, plan.dense["num_heads"] if scores_are == "heads" else n_kv)
             row = group_scores(row, g) if scores_are == "heads" else row
             candidates[index] = [(row[group], group) for group in layer.kept_kv_heads]
     removed = _choose(candidates, per_layer, total, min_groups, len(plan.layers), "KV groups")
@@ -106,7 +106,7 @@ def prune_q_heads(plan: PruningPlan, scores: ScoreRows, *, per_group: Counts) ->
             continue
         if not counts[index]:
             continue
-        row = _row(scores, index, plan.dense["num_heads"])
+        row = score_row(scores, index, plan.dense["num_heads"])
         kept: list[int] = []
         for group in layer.kept_kv_heads:
             heads = [head for head in layer.kept_heads if kv_group_of(head, g) == group]
@@ -135,7 +135,7 @@ def prune_channels(
     candidates: dict[int, list[tuple[float, int]]] = {}
     for index, layer in enumerate(plan.layers):
         if layer.has_mlp:
-            row = _row(scores, index, plan.dense["intermediate_size"])
+            row = score_row(scores, index, plan.dense["intermediate_size"])
             candidates[index] = [(row[channel], channel) for channel in layer.kept_channels]
     removed = _choose(candidates, per_layer, total, min_channels, len(plan.layers), "FFN channels")
     for index, channels in removed.items():
@@ -207,7 +207,8 @@ def _per_layer_counts(counts: Counts, num_layers: int, name: str) -> list[int]:
     return values
 
 
-def _row(scores: ScoreRows, index: int, expected: int) -> list[float]:
+def score_row(scores: ScoreRows, index: int, expected: int) -> list[float]:
+    """Layer ``index``'s scores as floats, checked: present, ``expected`` long, finite."""
     if index >= len(scores) or scores[index] is None:
         raise PrunekitError(f"no scores given for plan layer {index}")
     return _float_row(scores[index], expected, f"scores of plan layer {index}")

@@ -42,7 +42,7 @@ from prunekit.calibration.branches import softcap_logits
 
 FP32_ROUNDOFF = 2.0**-24
 ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: FP32_ROUNDOFF, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-OWN_ROUNDING = 1e-9  # relative shrink covering the float64 computation of the bound itself
+OWN_ROUNDING = 1e-9  # relative shrink covering the float64 per-token and per-window sums of the bound
 
 
 def _roundoff(dtype: torch.dtype) -> float:
