@@ -4,7 +4,8 @@ The methods need different summaries of the same inputs X (rows = tokens, column
 
 - ``hessian``: the sum of x xᵀ over tokens (SlimGPT's H = 2 X Xᵀ, up to a scale), in fp32;
 - ``norms``: the per-feature sum of squares, whose square root is Wanda's ‖X_j‖₂;
-- ``moments``: the per-feature mean and unbiased variance (FLAP's fluctuation and bias compensation).
+- ``moments``: the per-feature mean and unbiased variance (FLAP's fluctuation and bias compensation);
+- ``abs_sums``: the per-feature sum of absolute values (LLM-BIP's Σ_t |x_tj|).
 
 Everything is accumulated in fp32 or float64 whatever the model dtype, because a bf16 running sum over 10⁵ tokens
 loses every late contribution. Means and variances use Chan's pairwise merge of per-batch (mean, M2) in float64, so
@@ -24,7 +25,8 @@ from prunekit.errors import PrunekitError
 HESSIAN = "hessian"
 NORMS = "norms"
 MOMENTS = "moments"
-STATISTIC_KINDS = (HESSIAN, NORMS, MOMENTS)
+ABS_SUMS = "abs_sums"
+STATISTIC_KINDS = (HESSIAN, NORMS, MOMENTS, ABS_SUMS)
 
 
 def check_kinds(kinds: Iterable[str]) -> frozenset[str]:
@@ -51,6 +53,7 @@ class InputStatistics:
         self.square_sum = torch.zeros(features, dtype=torch.float64, device=device) if wants(NORMS) else None
         self._mean = torch.zeros(features, dtype=torch.float64, device=device) if wants(MOMENTS) else None
         self._m2 = torch.zeros(features, dtype=torch.float64, device=device) if wants(MOMENTS) else None
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device) if wants(ABS_SUMS) else None
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor) -> None:
@@ -67,6 +70,8 @@ class InputStatistics:
             self.square_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self._mean is not None:
             self._merge_moments(x)
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += count
         self.sequences += int(inputs.shape[0]) if inputs.dim() > 2 else 1
 
@@ -104,6 +109,10 @@ class InputStatistics:
     def feature_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens, per input feature (Wanda), fp32."""
         return self._require(self.square_sum, NORMS).sqrt().float()
+
+    def absolute_sums(self) -> torch.Tensor:
+        """Σ over all tokens of |x_j|, per input feature (LLM-BIP), float64."""
+        return self._require(self.abs_sum, ABS_SUMS)
 
     def mean(self) -> torch.Tensor:
         """Mean of each input feature over all tokens (FLAP bias compensation), fp32."""

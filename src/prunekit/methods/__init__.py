@@ -3,7 +3,17 @@
 Importing this package imports every method module, which registers it.
 """
 
-from prunekit.methods import blockpruner, magnitude, shortgpt, sleb, slimgpt  # noqa: F401  (importing registers them)
+from prunekit.methods import (  # noqa: F401  (importing registers them)
+    blockpruner,
+    flap,
+    llmbip,
+    magnitude,
+    shortgpt,
+    sleb,
+    slimgpt,
+    taylor,
+    wanda_sp,
+)
 from prunekit.methods.base import (
     Capabilities,
     Method,

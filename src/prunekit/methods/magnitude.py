@@ -17,21 +17,15 @@ import torch
 from torch import nn
 
 from prunekit.methods.base import WIDTH, Capabilities, MethodResult, PruneContext, register
-from prunekit.methods.config import MethodConfig, option
+from prunekit.methods.width import WidthConfig
 from prunekit.models.adapters import ArchAdapter
-from prunekit.structure.allocation import ALLOCATIONS, ATTENTION_UNITS, UnitScores, allocate, resolve_attention_unit
+from prunekit.structure.allocation import UnitScores, allocate, resolve_attention_unit
 from prunekit.structure.plan import PruningPlan
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig(MethodConfig):
-    allocation: str = option("uniform", "how units are allocated across layers: uniform, log_increase, layer_range "
-                             "(LLM-Pruner's range) or global (all layers and both unit types ranked together)",
-                             choices=ALLOCATIONS)
-    match_parameters: bool = option(True, "per-layer modes: after rounding a layer's heads, set its channel count "
-                                    "so the layer's removed weights match its ratio")
-    attention_unit: str = option("auto", "kv_group (whole KV groups), q_head (query heads, k/v kept) or auto "
-                                 "(q_head for one-KV-head models)", choices=ATTENTION_UNITS)
+class MagnitudeConfig(WidthConfig):
+    """The shared allocation options (``methods.width``), with the spec's uniform default."""
 
 
 @register("magnitude", config=MagnitudeConfig, capabilities=Capabilities(WIDTH, needs_calibration=False),

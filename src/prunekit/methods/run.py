@@ -80,7 +80,7 @@ def prune(
     metrics["parameters"] = measured_ratios(model, adapter).to_dict()
     if evaluation is not None:
         metrics["perplexity_after"] = perplexity(model, evaluation, progress=progress).to_dict()
-    plan.metrics = metrics
+    plan.metrics = {**plan.metrics, **metrics}  # what the method recorded (per-layer reports, labels) stays
     return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=outcome.artifacts)
 
 

@@ -109,14 +109,22 @@ def allocate(plan: PruningPlan, adapter: ArchAdapter, scores: UnitScores, ratio_
     as the method was given it, so the removed parameters are counted in the same measure.
     """
     if mode in PER_LAYER:
-        ratios = layer_ratios(adapter.num_layers, ratio_of_layers, mode, **(schedule or {}))
-        counts = [layer_counts(ratio, adapter, attention_unit, match_parameters) for ratio in ratios]
+        counts = per_layer_counts(adapter, ratio_of_layers, mode, attention_unit, match_parameters, schedule)
         return select_per_layer(plan, scores, counts, attention_unit)
     if mode == "global":
         ratio, of = budget if budget is not None else (ratio_of_layers, "linear")
         return select_global(plan, adapter, scores, ratio, of, attention_unit, standardize=standardize,
                              min_groups=min_groups, min_channels=min_channels)
     raise PrunekitError(f"unknown allocation '{mode}'; use one of: {', '.join(ALLOCATIONS)}")
+
+
+def per_layer_counts(adapter: ArchAdapter, ratio_of_layers: float, mode: str, attention_unit: str = "kv_group",
+                     match_parameters: bool = True, schedule: dict | None = None) -> list[LayerCounts]:
+    """Every layer's unit counts under a per-layer ``mode`` (layer-sequential methods need them up front)."""
+    if mode not in PER_LAYER:
+        raise PrunekitError(f"allocation '{mode}' is not per layer; use one of: {', '.join(PER_LAYER)}")
+    ratios = layer_ratios(adapter.num_layers, ratio_of_layers, mode, **(schedule or {}))
+    return [layer_counts(ratio, adapter, attention_unit, match_parameters) for ratio in ratios]
 
 
 def select_per_layer(plan: PruningPlan, scores: UnitScores, counts: Sequence[LayerCounts],
