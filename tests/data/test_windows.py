@@ -1,4 +1,6 @@
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +82,27 @@ def test_bos_modes(tiny_tokenizer):
 def test_bad_window_requests(tiny_tokenizer, call, pattern):
     with pytest.raises(PrunekitError, match=pattern):
         call(tiny_tokenizer)
+
+
+def test_mix_shares_follow_the_weights_and_add_up():
+    from prunekit.data.windows import mix_shares
+
+    assert mix_shares(32) == {"sample": 5, "kjv": 5, "pydocs": 11, "fortunes": 11}
+    assert mix_shares(6) == {"sample": 1, "kjv": 1, "pydocs": 2, "fortunes": 2}
+    for count in range(0, 40):
+        shares = mix_shares(count)
+        assert sum(shares.values()) == count and max(shares.values()) - 2 * min(shares.values()) <= 2
+
+
+@pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir() or shutil.which("bible") is None,
+                    reason="Debian corpora missing (make corpora)")
+def test_mix_windows_are_each_members_own_windows(tiny_tokenizer):
+    from prunekit.data import calibration_windows, evaluation_windows
+
+    mixed = calibration_windows(tiny_tokenizer, "mix", 12 * 32, 32, seed=3)
+    assert mixed.describe()["parts"] == {"sample": 2, "kjv": 2, "pydocs": 4, "fortunes": 4}
+    members = [calibration_windows(tiny_tokenizer, name, count * 32, 32, seed=3).input_ids
+               for name, count in mixed.parts.items()]
+    assert torch.equal(mixed.input_ids, torch.cat(members))
+    held_out = evaluation_windows(tiny_tokenizer, "mix", 32, 6 * 32)
+    assert held_out.num_windows == 6 and held_out.split == "evaluation" and sum(held_out.parts.values()) == 6

@@ -9,6 +9,15 @@ belong to calibration and which to evaluation:
   Testament is calibration, the New Testament evaluation.
 - ``pydocs``: Debian's ``python3.11-doc`` reST sources, one record per file in sorted order; the library reference
   (``library/``) is evaluation, everything else (tutorial, howto, faq, reference, c-api, ...) calibration.
+- ``fortunes``: Debian's ``fortunes`` (modern English: quotations, jokes, fables, short prose), one record per
+  cookie, files in sorted order (``ascii-art`` and ``art`` left out); the last quarter is evaluation.
+- ``jargon``: Debian's ``jargon-text`` (the Jargon File, a lexicon of hacker slang), one record per paragraph; the
+  last quarter is evaluation. It is in no calibration mix: its evaluation split measures how a pruned model does on
+  a kind of text it was not calibrated on.
+- ``mix`` (the default): the calibration and evaluation splits of ``sample``, ``kjv``, ``pydocs`` and ``fortunes``
+  together, each kind of text an equal share of the tokens (scripture: ``sample`` and ``kjv`` a sixth each;
+  technical reference: ``pydocs`` a third; modern prose: ``fortunes`` a third). Token windows are drawn from every
+  member separately (``data.windows``), so no window spans two corpora; as records, the members' are concatenated.
 - a local ``.txt`` file (records = paragraphs separated by blank lines) or ``.jsonl`` file (records = the ``text``
   field): the last quarter by characters is evaluation. ``split="all"`` gives the whole file (a ``.txt`` file
   verbatim, as one record).
@@ -18,6 +27,7 @@ belong to calibration and which to evaluation:
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -33,8 +43,13 @@ EVALUATION_FRACTION = 0.25
 SAMPLE_BOOKS = ("Job", "Psa", "Prv", "Eccl", "SSol")
 KJV_EVALUATION_FIRST_BOOK = "Mat"
 PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+FORTUNES_ROOT = Path("/usr/share/games/fortunes")
+FORTUNES_LEFT_OUT = ("art", "ascii-art")  # pictures, not prose
+JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+# Members of the default mix and their share weights (equal shares per kind of text; module docstring).
+MIX = {"sample": 1, "kjv": 1, "pydocs": 2, "fortunes": 2}
 HF_DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
-NAMED = ("sample", "kjv", "pydocs", *HF_DATASETS)
+NAMED = ("mix", "sample", "kjv", "pydocs", "fortunes", "jargon", *HF_DATASETS)
 
 
 @dataclass
@@ -63,6 +78,13 @@ def load_corpus(source: str | Path, split: str = "evaluation") -> CorpusText:
         return _kjv(split)
     if name == "pydocs":
         return _pydocs(split)
+    if name == "fortunes":
+        return _tail_split("fortunes", _fortune_records(), split, "Debian fortunes cookies")
+    if name == "jargon":
+        return _tail_split("jargon", _jargon_records(), split, "Debian jargon-text (the Jargon File)")
+    if name == "mix":
+        records = [record for member in MIX for record in load_corpus(member, split).records]
+        return CorpusText("mix", split, records, f"mix of {', '.join(MIX)}, {split} split")
     if name in HF_DATASETS:
         return _hf_dataset(name, split)
     check_source(name)
@@ -183,6 +205,30 @@ def _pydocs(split: str) -> CorpusText:
         path.read_text(encoding="utf-8").strip() for path, name in zip(files, relative, strict=True) if keep(name)
     ]
     return CorpusText("pydocs", split, records, f"Debian python3.11-doc reST sources, {split} split")
+
+
+def _fortune_records() -> list[str]:
+    if not FORTUNES_ROOT.is_dir():
+        raise PrunekitError(f"corpus 'fortunes' needs Debian's fortunes ({FORTUNES_ROOT} is missing); "
+                            "run: apt-get install fortunes (or make corpora)")
+    records = []
+    for path in sorted(FORTUNES_ROOT.iterdir()):
+        if path.suffix or path.name in FORTUNES_LEFT_OUT or not path.is_file():
+            continue  # .dat index files, and symlinks to the offensive set when it is installed
+        text = path.read_text(encoding="utf-8", errors="replace")
+        records += [cookie.strip("\n").rstrip() for cookie in re.split(r"^%$", text, flags=re.M) if cookie.strip()]
+    return list(dict.fromkeys(records))  # a cookie kept in two files must not land in both splits
+
+
+def _jargon_records() -> list[str]:
+    if not JARGON_FILE.is_file():
+        raise PrunekitError(f"corpus 'jargon' needs Debian's jargon-text ({JARGON_FILE} is missing); "
+                            "run: apt-get install jargon-text (or make corpora)")
+    with gzip.open(JARGON_FILE, "rt", encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    # The file is hard-wrapped and indented: a paragraph's lines are joined into one line of prose.
+    paragraphs = [" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in _paragraphs(text)]
+    return list(dict.fromkeys(paragraphs))  # repeated short paragraphs ("See {foo}.") must not cross splits
 
 
 # -- Hugging Face datasets (network or local cache only) ------------------------------------------------------

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunekit.data.corpora import CorpusText, corpus_label, load_corpus
+from prunekit.data.corpora import MIX, CorpusText, corpus_label, load_corpus
+from prunekit.data.token_cache import cached_ids
 from prunekit.errors import PrunekitError
 
 BOS_MODES = ("auto", "none", "stream", "window")
@@ -44,6 +45,7 @@ class TokenWindows:
     seed: int | None
     stream_tokens: int
     window_starts: list[int] = field(default_factory=list)
+    parts: dict[str, int] = field(default_factory=dict)  # a mix: windows taken from each member, in order
 
     @property
     def num_windows(self) -> int:
@@ -63,6 +65,7 @@ class TokenWindows:
             "bos": self.bos,
             "sampling": self.sampling,
             "seed": self.seed,
+            **({"parts": dict(self.parts)} if self.parts else {}),
         }
 
 
@@ -93,8 +96,8 @@ def tokenize_stream(tokenizer, corpus: CorpusText, max_tokens: int | None = None
             if budget <= 0:
                 break
         records = kept
-    ids = tokenizer("\n\n".join(records), add_special_tokens=False).input_ids
-    return torch.tensor(ids, dtype=torch.long)
+    return cached_ids(tokenizer, "\n\n".join(records),
+                      lambda text: tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _cut_windows(stream: torch.Tensor, seqlen: int, bos: str, bos_id: int | None) -> tuple[torch.Tensor, list[int]]:
@@ -126,6 +129,10 @@ def evaluation_windows(
     if max_tokens is not None and max_tokens < seqlen:
         raise PrunekitError(f"evaluating at most {max_tokens} tokens is less than one window of {seqlen}; "
                             "raise the token count or lower the window length")
+    if source == "mix":
+        count = None if max_tokens is None else max_tokens // seqlen
+        return _mixed(lambda member, share: evaluation_windows(
+            tokenizer, member, seqlen, None if share is None else share * seqlen, bos, split), count, split, seqlen)
     mode = resolve_bos(tokenizer, bos)
     corpus = load_corpus(source, split)
     stream = tokenize_stream(tokenizer, corpus, None if max_tokens is None else max_tokens + seqlen)
@@ -157,6 +164,9 @@ def calibration_windows(
     count = num_tokens // seqlen
     if count < 1:
         raise PrunekitError(f"--calib-tokens {num_tokens} is less than one window of --seqlen {seqlen}")
+    if source == "mix":
+        return _mixed(lambda member, share: calibration_windows(
+            tokenizer, member, share * seqlen, seqlen, sampling, seed, bos, split), count, split, seqlen)
     mode = resolve_bos(tokenizer, bos)
     corpus = load_corpus(source, split)
     limit = (count + 1) * seqlen if sampling == "sequential" else None
@@ -175,4 +185,27 @@ def calibration_windows(
     picked_starts = [starts[i] for i in chosen.tolist()]
     return TokenWindows(
         windows[chosen], corpus_label(source), split, seqlen, mode, sampling, seed, len(stream), picked_starts
+    )
+
+
+def mix_shares(count: int, weights: dict[str, int] = MIX) -> dict[str, int]:
+    """``count`` windows split over the mix members by weight (largest remainders; ties to the earlier member)."""
+    total = sum(weights.values())
+    exact = {member: count * weight / total for member, weight in weights.items()}
+    shares = {member: int(value) for member, value in exact.items()}
+    by_remainder = sorted(weights, key=lambda member: -(exact[member] - shares[member]))
+    for member in by_remainder[: count - sum(shares.values())]:
+        shares[member] += 1
+    return shares
+
+
+def _mixed(windows_of, count: int | None, split: str, seqlen: int) -> TokenWindows:
+    """The mix: each member's share of windows (all of each member's when ``count`` is None), concatenated."""
+    shares = {member: None for member in MIX} if count is None else mix_shares(count)
+    parts = [windows_of(member, share) for member, share in shares.items() if share != 0]
+    first = parts[0]
+    return TokenWindows(
+        torch.cat([part.input_ids for part in parts]), "mix", split, seqlen, first.bos, first.sampling, first.seed,
+        sum(part.stream_tokens for part in parts), [start for part in parts for start in part.window_starts],
+        {part.source: part.num_windows for part in parts},
     )

@@ -148,11 +148,8 @@ def gate_statistics(layer: nn.Module, adapter: ArchAdapter):
             raise PrunekitError("the MLP ran its up projection before its gate; gated propagation cannot pair them")
         g = pending.pop().reshape(-1, width).float()
         u = output.detach().reshape(-1, width).float()
-        with torch.enable_grad():
-            g_leaf = g.clone().requires_grad_(True)
-            activated = mlp.act_fn(g_leaf)
-            (slope,) = torch.autograd.grad(activated.sum(), g_leaf)
-        sums["alpha"] += activated.detach().abs().sum(dim=0, dtype=torch.float64).cpu()
+        activated, slope = _activation_and_slope(mlp.act_fn, g)
+        sums["alpha"] += activated.abs().sum(dim=0, dtype=torch.float64).cpu()
         sums["beta"] += (slope * u).abs().sum(dim=0, dtype=torch.float64).cpu()
         count[0] += g.shape[0]
 
@@ -167,3 +164,16 @@ def gate_statistics(layer: nn.Module, adapter: ArchAdapter):
         raise PrunekitError("the MLP saw no tokens while its gate statistics were collected")
     statistics.alpha /= count[0]
     statistics.beta /= count[0]
+
+
+def _activation_and_slope(act_fn: nn.Module, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(g) and act'(g): closed form for SiLU (Llama, Qwen, Mistral: a third of the cost of autograd), autograd
+    for any other element-wise activation (Gemma's tanh GELU)."""
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        sigmoid = torch.sigmoid(g)
+        return g * sigmoid, sigmoid * (1 + g * (1 - sigmoid))
+    with torch.enable_grad():
+        leaf = g.clone().requires_grad_(True)
+        activated = act_fn(leaf)
+        (slope,) = torch.autograd.grad(activated.sum(), leaf)
+    return activated.detach(), slope

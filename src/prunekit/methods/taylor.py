@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import WIDTH, Capabilities, MethodResult, PruneContext, register
 from prunekit.methods.config import option
-from prunekit.methods.width import Scores, WidthConfig, allocate_scores
+from prunekit.methods.width import Scores, WidthConfig, allocate_scores, check_allocation
 from prunekit.models.adapters import ArchAdapter
 
 VARIANTS = ("element", "vector")
@@ -61,6 +61,7 @@ class TaylorConfig(WidthConfig):
           calibration_tokens=10 * 64, calibration_seqlen=64)
 def taylor(context: PruneContext) -> MethodResult:
     config: TaylorConfig = context.config
+    check_allocation(context, config)
     calibration = context.windows("taylor")
     windows = calibration if isinstance(calibration, torch.Tensor) else calibration.input_ids
     check_memory(context.model, context.adapter, min(config.micro_batch, windows.shape[0]), windows.shape[1],
@@ -91,7 +92,7 @@ def layer_gradients(model: nn.Module, adapter: ArchAdapter, checkpointing: bool)
             weight.requires_grad_(True)
             weight.grad = None
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(model)
         yield weights
     finally:
         for weight in weights:
@@ -99,7 +100,16 @@ def layer_gradients(model: nn.Module, adapter: ArchAdapter, checkpointing: bool)
         for parameter, wanted in previous.items():
             parameter.requires_grad_(wanted)
         if checkpointing and not was_checkpointing:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def accumulate_gradients(model: nn.Module, input_ids: torch.Tensor, micro_batch: int, progress: bool = True) -> float:

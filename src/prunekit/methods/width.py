@@ -87,6 +87,16 @@ def allocate_scores(context: PruneContext, config: WidthConfig, heads: list[torc
                     standardize=standardize)
 
 
+def check_allocation(context: PruneContext, config: WidthConfig) -> None:
+    """Fail before any pass on a target the allocation cannot meet (a per-layer ratio that would empty a layer's
+    range, an attention unit the model cannot use); the global mode is checked when it ranks."""
+    adapter = context.adapter
+    unit = resolve_attention_unit(adapter, config.attention_unit)
+    ratio = context.target.layer_linear_ratio(adapter)
+    if config.allocation in PER_LAYER:
+        per_layer_counts(adapter, ratio, config.allocation, unit, config.match_parameters)
+
+
 def _runner(context: PruneContext, method: str, batch_size: int) -> LayerwiseRunner:
     return LayerwiseRunner(context.model, context.adapter, context.windows(method), batch_size=batch_size,
                            progress=context.progress)
@@ -96,6 +106,7 @@ def dense_scores(context: PruneContext, method: str, kinds: Iterable[str], score
                  layer_hooks: LayerHooks | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's scores from one pass of the dense model (see the module docstring)."""
     heads, channels = [], []
+    check_allocation(context, context.config)
     with _runner(context, method, batch_size) as runner:
         for index, layer in runner.layers():
             with layer_hooks(index, layer) if layer_hooks else nullcontext():

@@ -1,0 +1,147 @@
+"""Width methods on the real SmolLM2-135M: held-out perplexity, pruning time and peak memory at 10/20/30/40%.
+
+Every method gets the same calibration windows (the default ``mix``: 32 random windows x 512 tokens, seed 0) and is
+evaluated on the same text: the ``mix`` evaluation split (every calibration corpus's own held-out part) and the
+``jargon`` evaluation split, a kind of text (a hacker lexicon) that is in no calibration split. Ratios are shares of
+all parameters (``ratio_all``). In the same run, one plain forward pass of the dense model over the calibration
+tokens is timed, so each method's cost reads as a multiple of it.
+
+Methods: ``llmbip`` (default: layer range; V1 gated; V2 global; sequential), ``wanda-sp``, ``flap``, ``taylor``,
+``magnitude``, ``slimgpt``, each with its defaults (their allocation differs: that is part of each method).
+Also, the paper's claim checked at equal allocation: ``llmbip``, ``wanda-sp`` (one pass) and ``taylor`` all with
+``allocation=layer_range`` (``--claim``).
+
+Results go to ``benchmarks/results/width_methods.json`` after every case (a rerun skips finished cases) and a
+Markdown table beside it. Run one heavy job at a time:
+
+    .venv/bin/python benchmarks/width_methods.py             # the main grid (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/width_methods.py --claim     # the equal-allocation comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.data import calibration_windows, evaluation_windows
+from prunekit.evaluation.machine import machine_info
+from prunekit.evaluation.memory import PeakMemory
+from prunekit.evaluation.perplexity import perplexity
+
+RESULTS = Path(__file__).resolve().parent / "results" / "width_methods.json"
+RATIOS = (0.1, 0.2, 0.3, 0.4)
+MAIN = {
+    "llmbip": {},
+    "llmbip-gated": {"propagation": "gated"},
+    "llmbip-global": {"allocation": "global"},
+    "llmbip-sequential": {"sequential": True},
+    "wanda-sp": {},
+    "flap": {},
+    "taylor": {},
+    "magnitude": {},
+    "slimgpt": {},
+}
+CLAIM = {
+    "llmbip@layer_range": {},
+    "wanda-sp@layer_range": {"allocation": "layer_range", "sequential": False},
+    "taylor@layer_range": {},
+}
+CALIBRATION_TOKENS, EVALUATION_TOKENS, SEQLEN = 32 * 512, 16 * 512, 512
+
+
+def method_of(label: str) -> str:
+    return label.split("@")[0] if "@" in label else label.removesuffix("-gated").removesuffix(
+        "-global").removesuffix("-sequential")
+
+
+def evaluate(model, windows: dict) -> dict:
+    return {name: round(perplexity(model, w, progress=False).perplexity, 3) for name, w in windows.items()}
+
+
+def forward_seconds(model, calibration) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, calibration.num_windows, 8):
+            model(input_ids=calibration.input_ids[start:start + 8], use_cache=False)
+    return time.perf_counter() - started
+
+
+def run_case(label: str, options: dict, ratio: float, calibration, windows, forward: float) -> dict:
+    model, tokenizer = prunekit.load_model("smollm2-135m")
+    with PeakMemory(torch.device("cpu")) as memory:
+        result = prunekit.prune(model, tokenizer, method_of(label), ratio, calibration=calibration, seed=0,
+                                progress=False, **options)
+    seconds = result.metrics["prune_seconds"]
+    return {"method": method_of(label), "label": label, "options": options, "ratio": ratio,
+            "ratio_all": round(result.metrics["parameters"]["ratio_all"], 4), "prune_seconds": seconds,
+            "forward_passes": round(seconds / forward, 2), "peak_memory_mib": round(memory.bytes / 2**20, 1),
+            "perplexity": evaluate(model, windows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--claim", action="store_true", help="the equal-allocation comparison instead")
+    parser.add_argument("--only", nargs="*", help="labels to run (default: all of the grid)")
+    args = parser.parse_args()
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": []}
+    model, tokenizer = prunekit.load_model("smollm2-135m")
+    calibration = calibration_windows(tokenizer, "mix", CALIBRATION_TOKENS, SEQLEN, "random", seed=0)
+    windows = {"mix": evaluation_windows(tokenizer, "mix", SEQLEN, EVALUATION_TOKENS),
+               "jargon (held out)": evaluation_windows(tokenizer, "jargon", SEQLEN, EVALUATION_TOKENS)}
+    forward_seconds(model, calibration)  # warm-up
+    forward = forward_seconds(model, calibration)
+    data.update(machine=machine_info(), date=datetime.now(UTC).isoformat(timespec="seconds"),
+                calibration=calibration.describe(), evaluation={k: w.describe() for k, w in windows.items()},
+                threads=torch.get_num_threads())
+    data.setdefault("dense", evaluate(model, windows))
+    data.setdefault("forward_seconds_runs", []).append(round(forward, 2))
+    del model
+    grid = CLAIM if args.claim else MAIN
+    done = {(case["label"], case["ratio"]) for case in data["cases"]}
+    for label, options in grid.items():
+        if args.only and label not in args.only:
+            continue
+        for ratio in RATIOS:
+            if (label, ratio) in done:
+                continue
+            case = run_case(label, options, ratio, calibration, windows, forward)
+            case["forward_seconds"] = round(forward, 2)
+            data["cases"].append(case)
+            print(json.dumps(case), flush=True)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    write_table(data)
+
+
+def write_table(data: dict) -> None:
+    """Markdown: perplexity on mix / held-out jargon per ratio, then cost at 20%."""
+    lines = [f"# Width methods on SmolLM2-135M ({data['date']}, {data['machine'].get('cpu', 'cpu')})", "",
+             f"Dense: mix {data['dense']['mix']}, jargon {data['dense']['jargon (held out)']}. "
+             f"One plain forward over the {data['calibration']['tokens']} calibration tokens: "
+             f"{min(data['forward_seconds_runs'])} s.", "",
+             "| method | " + " | ".join(f"{r:.0%} mix / jargon" for r in RATIOS) + " | prune s at 20% | passes | "
+             "peak MiB |", "|---" * (len(RATIOS) + 4) + "|"]
+    labels = list(dict.fromkeys(case["label"] for case in data["cases"]))
+    for label in labels:
+        cells, cost = [], ("", "", "")
+        for ratio in RATIOS:
+            case = next((c for c in data["cases"] if c["label"] == label and c["ratio"] == ratio), None)
+            if case is None:
+                cells.append("")
+                continue
+            cells.append(f"{case['perplexity']['mix']:.2f} / {case['perplexity']['jargon (held out)']:.2f}")
+            if ratio == 0.2:
+                cost = (case["prune_seconds"], case["forward_passes"], case["peak_memory_mib"])
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost[0]} | {cost[1]} | {cost[2]} |")
+    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
