@@ -8,19 +8,22 @@ tokens is timed, so each method's cost reads as a multiple of it.
 
 Methods: ``llmbip`` (default: layer range; V1 gated; V2 global; sequential), ``wanda-sp``, ``flap``, ``taylor``,
 ``magnitude``, ``slimgpt``, each with its defaults (their allocation differs: that is part of each method).
-Also, the paper's claim checked at equal allocation: ``llmbip``, ``wanda-sp`` (one pass) and ``taylor`` all with
-``allocation=layer_range`` (``--claim``).
+Also, the paper's claim checked at equal allocation (``--claim``): LLM-BIP, Wanda-sp and Taylor each at the layer
+range and at the uniform allocation. ``--costs`` reruns every method of the grid at 20% without evaluation, on an
+otherwise idle machine, for the pruning time and peak memory the table reports.
 
 Results go to ``benchmarks/results/width_methods.json`` after every case (a rerun skips finished cases) and a
 Markdown table beside it. Run one heavy job at a time:
 
     .venv/bin/python benchmarks/width_methods.py             # the main grid (about an hour on 2 CPU cores)
     .venv/bin/python benchmarks/width_methods.py --claim     # the equal-allocation comparison
+    .venv/bin/python benchmarks/width_methods.py --costs     # quiet-machine timings at 20%
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from datetime import UTC, datetime
@@ -47,10 +50,10 @@ MAIN = {
     "magnitude": {},
     "slimgpt": {},
 }
-CLAIM = {
-    "llmbip@layer_range": {},
-    "wanda-sp@layer_range": {"allocation": "layer_range", "sequential": False},
-    "taylor@layer_range": {},
+CLAIM = {  # the paper's claim at equal allocation; llmbip, taylor (layer range) and wanda-sp (uniform) are in MAIN
+    "wanda-sp@layer_range": {"allocation": "layer_range"},
+    "llmbip@uniform": {"allocation": "uniform"},
+    "taylor@uniform": {"allocation": "uniform"},
 }
 CALIBRATION_TOKENS, EVALUATION_TOKENS, SEQLEN = 32 * 512, 16 * 512, 512
 
@@ -78,7 +81,9 @@ def run_case(label: str, options: dict, ratio: float, calibration, windows, forw
         result = prunekit.prune(model, tokenizer, method_of(label), ratio, calibration=calibration, seed=0,
                                 progress=False, **options)
     seconds = result.metrics["prune_seconds"]
-    return {"method": method_of(label), "label": label, "options": options, "ratio": ratio,
+    layers = [layer.to_dict() for layer in result.plan.layers]
+    digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+    return {"method": method_of(label), "label": label, "options": options, "ratio": ratio, "plan_sha256": digest,
             "ratio_all": round(result.metrics["parameters"]["ratio_all"], 4), "prune_seconds": seconds,
             "forward_passes": round(seconds / forward, 2), "peak_memory_mib": round(memory.bytes / 2**20, 1),
             "perplexity": evaluate(model, windows)}
@@ -87,6 +92,7 @@ def run_case(label: str, options: dict, ratio: float, calibration, windows, forw
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claim", action="store_true", help="the equal-allocation comparison instead")
+    parser.add_argument("--costs", action="store_true", help="time every method at 20%% without evaluation")
     parser.add_argument("--only", nargs="*", help="labels to run (default: all of the grid)")
     args = parser.parse_args()
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": []}
@@ -103,6 +109,11 @@ def main() -> None:
     data.setdefault("forward_seconds_runs", []).append(round(forward, 2))
     del model
     grid = CLAIM if args.claim else MAIN
+    if args.costs:
+        data["costs"] = measure_costs(calibration, forward, args.only)
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_table(data)
+        return
     done = {(case["label"], case["ratio"]) for case in data["cases"]}
     for label, options in grid.items():
         if args.only and label not in args.only:
@@ -120,26 +131,59 @@ def main() -> None:
     write_table(data)
 
 
+def measure_costs(calibration, forward: float, only: list[str] | None) -> dict:
+    """Pruning time, passes and peak memory of each method of the grid at 20% (one run each, no evaluation)."""
+    costs = {}
+    for label, options in MAIN.items():
+        if only and label not in only:
+            continue
+        model, tokenizer = prunekit.load_model("smollm2-135m")
+        with PeakMemory(torch.device("cpu")) as memory:
+            result = prunekit.prune(model, tokenizer, method_of(label), 0.2, calibration=calibration, seed=0,
+                                    progress=False, **options)
+        seconds = result.metrics["prune_seconds"]
+        costs[label] = {"prune_seconds": seconds, "forward_passes": round(seconds / forward, 2),
+                        "peak_memory_mib": round(memory.bytes / 2**20, 1), "forward_seconds": round(forward, 2)}
+        print(label, costs[label], flush=True)
+    return costs
+
+
+def _case(data: dict, label: str, ratio: float) -> dict | None:
+    return next((c for c in data["cases"] if c["label"] == label and c["ratio"] == ratio), None)
+
+
 def write_table(data: dict) -> None:
-    """Markdown: perplexity on mix / held-out jargon per ratio, then cost at 20%."""
-    lines = [f"# Width methods on SmolLM2-135M ({data['date']}, {data['machine'].get('cpu', 'cpu')})", "",
+    """Markdown: perplexity on mix / held-out jargon per ratio with the cost at 20%, then the claim check."""
+    costs = data.get("costs", {})
+    lines = [f"# Width methods on SmolLM2-135M ({data['date']})", "",
+             f"Machine: {data['machine']}.", "",
              f"Dense: mix {data['dense']['mix']}, jargon {data['dense']['jargon (held out)']}. "
              f"One plain forward over the {data['calibration']['tokens']} calibration tokens: "
-             f"{min(data['forward_seconds_runs'])} s.", "",
+             f"{min(data['forward_seconds_runs'])} s. Costs at 20% from "
+             f"{'the quiet --costs run' if costs else 'the grid run'}.", "",
              "| method | " + " | ".join(f"{r:.0%} mix / jargon" for r in RATIOS) + " | prune s at 20% | passes | "
              "peak MiB |", "|---" * (len(RATIOS) + 4) + "|"]
-    labels = list(dict.fromkeys(case["label"] for case in data["cases"]))
-    for label in labels:
-        cells, cost = [], ("", "", "")
-        for ratio in RATIOS:
-            case = next((c for c in data["cases"] if c["label"] == label and c["ratio"] == ratio), None)
-            if case is None:
-                cells.append("")
-                continue
-            cells.append(f"{case['perplexity']['mix']:.2f} / {case['perplexity']['jargon (held out)']:.2f}")
-            if ratio == 0.2:
-                cost = (case["prune_seconds"], case["forward_passes"], case["peak_memory_mib"])
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost[0]} | {cost[1]} | {cost[2]} |")
+    for label in dict.fromkeys(case["label"] for case in data["cases"]):
+        cells = [f"{case['perplexity']['mix']:.2f} / {case['perplexity']['jargon (held out)']:.2f}"
+                 if (case := _case(data, label, ratio)) else "" for ratio in RATIOS]
+        cost = costs.get(label) or _case(data, label, 0.2) or {}
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost.get('prune_seconds', '')} | "
+                     f"{cost.get('forward_passes', '')} | {cost.get('peak_memory_mib', '')} |")
+    lines += ["", "## The paper's claim at equal allocation (LLM-BIP against Wanda-sp and Taylor)", ""]
+    for allocation, labels in (("layer_range", ("llmbip", "wanda-sp@layer_range", "taylor")),
+                               ("uniform", ("llmbip@uniform", "wanda-sp", "taylor@uniform"))):
+        for corpus in ("mix", "jargon (held out)"):
+            row = []
+            for ratio in RATIOS:
+                values = {label: case["perplexity"][corpus] for label in labels
+                          if (case := _case(data, label, ratio))}
+                if len(values) < len(labels):
+                    row.append("")
+                    continue
+                best = min(values, key=values.get)
+                row.append(" / ".join(f"{values[label]:.2f}" for label in labels) + f" ({best.split('@')[0]})")
+            lines.append(f"- {allocation}, {corpus} ({' / '.join(labels)}): " + "; ".join(
+                f"{ratio:.0%} {cell}" for ratio, cell in zip(RATIOS, row, strict=True) if cell))
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
