@@ -67,3 +67,28 @@ def test_taylor_too_large_for_its_micro_batch_is_refused_before_any_work(capsys,
                      out, *FAST)
     assert code == 2 and "lower micro_batch" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family,heads,kv_heads", [("llama", 8, 4), ("mistral", 4, 2), ("qwen2", 4, 2),
+                                                    ("qwen3", 4, 2), ("gemma3_text", 4, 1)])
+@pytest.mark.parametrize("method", ["llmbip", "wanda-sp", "flap", "taylor", "magnitude"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_every_width_method_prunes_every_family(tiny_tokenizer, family, heads, kv_heads, method, allocation):
+    from prunekit.data import calibration_windows
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(family, heads, kv_heads, layers=4)
+    calibration = calibration_windows(tiny_tokenizer, "sample", 64, 16)
+    extra = {"sequential": False} if method == "wanda-sp" and allocation == "global" else {}
+    result = prunekit.prune(model, None, method, 0.25, calibration=calibration, progress=False,
+                            allocation=allocation, **extra)
+    parameters = result.metrics["parameters"]
+    assert parameters["ratio_all"] == pytest.approx(0.25, abs=0.04)
+    for layer in result.plan.layers:
+        if kv_heads == 1:  # q-head mode: the one KV head stays, every layer keeps at least one query head
+            assert layer.kept_kv_heads == [0] and layer.kept_heads
+        else:  # whole KV groups: every kept KV head keeps all its query heads
+            assert len(layer.kept_heads) == len(layer.kept_kv_heads) * (heads // kv_heads)
+    if allocation == "uniform":  # global may keep every head (FLAP's standardised heads rarely lose to channels)
+        assert all(len(layer.kept_heads) < heads for layer in result.plan.layers)
+    assert torch.isfinite(model(windows(1, 16)).logits).all()

@@ -179,7 +179,8 @@ def test_llmbip_head_score_bounds_the_block_change_where_the_bound_is_exact():
         attention_part = (a * layer.self_attn.o_proj.weight.detach().double().abs().sum(dim=0)).view(-1, 16).sum(dim=1)
         for head in range(adapter.num_heads):
             changed = []
-            hook = layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: changed.append(args[0]))
+            hook = layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda _m, args, store=changed: store.append(args[0]))
             mask = UnitMask.keep_all(adapter)
             mask.heads[index, head] = 0.0
             with torch.no_grad():
