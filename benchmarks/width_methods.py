@@ -156,7 +156,8 @@ def write_table(data: dict) -> None:
     """Markdown: perplexity on mix / held-out jargon per ratio with the cost at 20%, then the claim check."""
     costs = data.get("costs", {})
     lines = [f"# Width methods on SmolLM2-135M ({data['date']})", "",
-             f"Machine: {data['machine']}.", "",
+             "Machine: {cpu_model}, {cpu_count} CPUs, torch {torch}, transformers {transformers}, {torch_threads} "
+             "threads; one job at a time.".format(**data["machine"]), "",
              f"Dense: mix {data['dense']['mix']}, jargon {data['dense']['jargon (held out)']}. "
              f"One plain forward over the {data['calibration']['tokens']} calibration tokens: "
              f"{min(data['forward_seconds_runs'])} s. Costs at 20% from "
