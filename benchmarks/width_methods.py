@@ -10,7 +10,9 @@ Methods: ``llmbip`` (default: layer range; V1 gated; V2 global; sequential), ``w
 ``magnitude``, ``slimgpt``, each with its defaults (their allocation differs: that is part of each method).
 Also, the paper's claim checked at equal allocation (``--claim``): LLM-BIP, Wanda-sp and Taylor each at the layer
 range and at the uniform allocation. ``--costs`` reruns every method of the grid at 20% without evaluation, on an
-otherwise idle machine, for the pruning time and peak memory the table reports.
+otherwise idle machine, for the pruning time and peak memory the table reports (and Wanda-sp with
+``sequential=false``). ``--sample-calibration`` runs SlimGPT, LLM-BIP and FLAP at 20% calibrated on the bundled KJV
+sample (the old default) instead of the mix, same token count, same evaluation.
 
 Results go to ``benchmarks/results/width_methods.json`` after every case (a rerun skips finished cases) and a
 Markdown table beside it. Run one heavy job at a time:
@@ -18,6 +20,7 @@ Markdown table beside it. Run one heavy job at a time:
     .venv/bin/python benchmarks/width_methods.py             # the main grid (about an hour on 2 CPU cores)
     .venv/bin/python benchmarks/width_methods.py --claim     # the equal-allocation comparison
     .venv/bin/python benchmarks/width_methods.py --costs     # quiet-machine timings at 20%
+    .venv/bin/python benchmarks/width_methods.py --sample-calibration
 """
 
 from __future__ import annotations
@@ -55,10 +58,15 @@ CLAIM = {  # the paper's claim at equal allocation; llmbip, taylor (layer range)
     "llmbip@uniform": {"allocation": "uniform"},
     "taylor@uniform": {"allocation": "uniform"},
 }
+COST_ONLY = {"wanda-sp-one-pass": {"sequential": False}}  # timed by --costs, not in the perplexity grid
+# --sample-calibration: the same methods at 20%, calibrated on the old default (the KJV sample) instead of the mix
+SAMPLE_CALIBRATED = {"slimgpt [calibrated on sample]": {}, "llmbip [calibrated on sample]": {},
+                     "flap [calibrated on sample]": {}}
 CALIBRATION_TOKENS, EVALUATION_TOKENS, SEQLEN = 32 * 512, 16 * 512, 512
 
 
 def method_of(label: str) -> str:
+    label = label.split(" [")[0]
     return label.split("@")[0] if "@" in label else label.removesuffix("-gated").removesuffix(
         "-global").removesuffix("-sequential")
 
@@ -84,6 +92,7 @@ def run_case(label: str, options: dict, ratio: float, calibration, windows, forw
     layers = [layer.to_dict() for layer in result.plan.layers]
     digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
     return {"method": method_of(label), "label": label, "options": options, "ratio": ratio, "plan_sha256": digest,
+            "calibration": calibration.source,
             "ratio_all": round(result.metrics["parameters"]["ratio_all"], 4), "prune_seconds": seconds,
             "forward_passes": round(seconds / forward, 2), "peak_memory_mib": round(memory.bytes / 2**20, 1),
             "perplexity": evaluate(model, windows)}
@@ -93,6 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claim", action="store_true", help="the equal-allocation comparison instead")
     parser.add_argument("--costs", action="store_true", help="time every method at 20%% without evaluation")
+    parser.add_argument("--sample-calibration", action="store_true",
+                        help="20%% runs calibrated on the bundled sample instead of the mix")
     parser.add_argument("--only", nargs="*", help="labels to run (default: all of the grid)")
     args = parser.parse_args()
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": []}
@@ -109,8 +120,12 @@ def main() -> None:
     data.setdefault("forward_seconds_runs", []).append(round(forward, 2))
     del model
     grid = CLAIM if args.claim else MAIN
+    ratios = RATIOS
+    if args.sample_calibration:
+        grid, ratios = SAMPLE_CALIBRATED, (0.2,)
+        calibration = calibration_windows(tokenizer, "sample", CALIBRATION_TOKENS, SEQLEN, "random", seed=0)
     if args.costs:
-        data["costs"] = measure_costs(calibration, forward, args.only)
+        data.setdefault("costs", {}).update(measure_costs(calibration, forward, args.only))
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_table(data)
         return
@@ -118,7 +133,7 @@ def main() -> None:
     for label, options in grid.items():
         if args.only and label not in args.only:
             continue
-        for ratio in RATIOS:
+        for ratio in ratios:
             if (label, ratio) in done:
                 continue
             case = run_case(label, options, ratio, calibration, windows, forward)
@@ -134,7 +149,7 @@ def main() -> None:
 def measure_costs(calibration, forward: float, only: list[str] | None) -> dict:
     """Pruning time, passes and peak memory of each method of the grid at 20% (one run each, no evaluation)."""
     costs = {}
-    for label, options in MAIN.items():
+    for label, options in {**MAIN, **COST_ONLY}.items():
         if only and label not in only:
             continue
         model, tokenizer = prunekit.load_model("smollm2-135m")
