@@ -58,7 +58,7 @@ CLAIM = {  # the paper's claim at equal allocation; llmbip, taylor (layer range)
     "llmbip@uniform": {"allocation": "uniform"},
     "taylor@uniform": {"allocation": "uniform"},
 }
-COST_ONLY = {"wanda-sp-one-pass": {"sequential": False}}  # timed by --costs, not in the perplexity grid
+COST_ONLY = {"wanda-sp [sequential=false]": {"sequential": False}}  # timed by --costs, not in the perplexity grid
 # --sample-calibration: the same methods at 20%, calibrated on the old default (the KJV sample) instead of the mix
 SAMPLE_CALIBRATED = {"slimgpt [calibrated on sample]": {}, "llmbip [calibrated on sample]": {},
                      "flap [calibrated on sample]": {}}
