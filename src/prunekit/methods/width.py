@@ -35,6 +35,7 @@ from prunekit.structure.allocation import (
     ALLOCATIONS,
     ATTENTION_UNITS,
     PER_LAYER,
+    LayerCounts,
     UnitScores,
     allocate,
     per_layer_counts,
@@ -146,7 +147,7 @@ def _prune_one_layer(plan, adapter, index, attention_row, channel_row, counts, u
     attention = [attention_row if layer == index else torch.zeros_like(attention_row)
                  for layer in range(adapter.num_layers)]
     channels = [channel_row if layer == index else torch.zeros_like(channel_row) for layer in range(adapter.num_layers)]
-    only = [count if layer == index else type(count)(0, 0) for layer, count in enumerate(counts)]
+    only = [count if layer == index else LayerCounts(0, 0) for layer, count in enumerate(counts)]
     return select_per_layer(plan, UnitScores(attention, channels), only, unit)
 
 
