@@ -115,3 +115,22 @@ def test_on_batch_sees_layer_inputs_and_outputs():
     assert [rows for rows, _, _ in pairs] == [slice(0, 2), slice(2, 3)]
     assert torch.equal(torch.cat([x for _, x, _ in pairs]), hidden[0])
     assert torch.equal(torch.cat([y for _, _, y in pairs]), hidden[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaying_kept_attention_inputs_reproduces_the_full_forward(family):
+    """Wanda-sp's pass: whole-layer statistics with the o_proj inputs kept, then the outputs with the attention
+    output replayed from them (bit-identical while nothing changed), and a changed o_proj is used by the replay."""
+    model, ids = sliding_model(family), token_windows()
+    adapter = adapter_for(model)
+    with LayerwiseRunner(model, adapter, ids, batch_size=2, progress=False) as runner:
+        for index, layer in runner.layers():
+            o_proj = adapter.attention_linears(layer)["o_proj"]
+            statistics = runner.collect_keeping_attention(index, {"o_proj": o_proj})
+            assert statistics["o_proj"].tokens == ids.numel()
+            runner.advance_replaying_attention(index)
+        with torch.no_grad():
+            assert torch.equal(head_logits(model, runner.inputs.tensor()), full_logits(model, ids))
+    with (LayerwiseRunner(model, adapter, ids, batch_size=2, progress=False) as runner,
+          pytest.raises(PrunekitError, match="no kept attention inputs for layer 0")):
+        runner.advance_replaying_attention(0)

@@ -205,6 +205,16 @@ class LayerwiseRunner:
         layer = self._check_position(index, mid_layer=check_branch(branch) == "mlp")
         linear = output_linear(self.adapter, layer, branch)
         self._drop_kept()
+
+        def run(rows: slice) -> None:
+            run_branch(self.adapter, layer, branch, self.inputs.read(rows), self.context(index, rows.stop - rows.start))
+
+        statistics = self._keeping_inputs(index, layer, branch, {branch: linear}, kinds, run)
+        return statistics[branch]
+
+    def _keeping_inputs(self, index: int, layer: nn.Module, branch: str, linears: Mapping[str, nn.Module],
+                        kinds: Iterable[str], run: Callable[[slice], None]) -> dict[str, InputStatistics]:
+        """``run`` every batch with ``linears`` hooked and the inputs of ``branch``'s output linear kept."""
         kept: list[ActivationStore] = []
         current_rows: list[slice] = []
 
@@ -213,13 +223,12 @@ class LayerwiseRunner:
                 kept.append(self._new_store_like(args[0]))
             kept[0].write(current_rows[-1], args[0])
 
-        handle = linear.register_forward_pre_hook(keep)
+        handle = output_linear(self.adapter, layer, branch).register_forward_pre_hook(keep)
         try:
-            with input_statistics({branch: linear}, kinds) as statistics:
+            with input_statistics(linears, kinds) as statistics:
                 for rows in self.batches():
                     current_rows.append(rows)
-                    run_branch(self.adapter, layer, branch, self.inputs.read(rows),
-                               self.context(index, rows.stop - rows.start))
+                    run(rows)
         except BaseException:
             for store in kept:
                 store.close()
@@ -228,7 +237,43 @@ class LayerwiseRunner:
             handle.remove()
         _check_seen(statistics)
         self._kept = (index, branch, kept[0], self._branch_fingerprint(layer, branch))
-        return statistics[branch]
+        return statistics
+
+    # -- whole layer, attention kept -----------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_keeping_attention(self, index: int, linears: Mapping[str, nn.Module],
+                                  kinds: Iterable[str] = (HESSIAN,)) -> dict[str, InputStatistics]:
+        """:meth:`collect` over the whole layer that also keeps its o_proj inputs, so that
+        :meth:`advance_replaying_attention` recomputes the attention output by one matmul (Wanda-sp's
+        layer-sequential procedure: dense-layer statistics, then the pruned layer's outputs)."""
+        layer = self._check_position(index)
+        self._drop_kept()
+
+        def run(rows: slice) -> None:
+            context = self.context(index, rows.stop - rows.start)
+            mlp_branch(self.adapter, layer, attention_branch(self.adapter, layer, self.inputs.read(rows), context))
+
+        return self._keeping_inputs(index, layer, "attention", linears, kinds, run)
+
+    @torch.no_grad()
+    def advance_replaying_attention(self, index: int) -> None:
+        """The layer's outputs become the next inputs: attention output from the kept o_proj inputs through the
+        current o_proj (with any hooks on it, e.g. a mask), then the MLP branch run on that stream."""
+        layer = self._check_position(index)
+        if self._kept is None or self._kept[:2] != (index, "attention"):
+            raise PrunekitError(f"no kept attention inputs for layer {index}; call collect_keeping_attention first")
+        if self._kept[3] != self._branch_fingerprint(layer, "attention"):
+            raise PrunekitError(f"the attention branch of layer {index} changed outside o_proj after collection")
+        features = self._kept[2]
+        try:
+            for rows in self.batches():
+                middle = replay_branch(self.adapter, layer, "attention", self.inputs.read(rows), features.read(rows))
+                self.inputs.write(rows, mlp_branch(self.adapter, layer, middle))
+        except BaseException:
+            self.close()
+            raise
+        self._drop_kept()
+        self._position = index + 1
 
     @torch.no_grad()
     def finish_branch(self, index: int, branch: str) -> None:

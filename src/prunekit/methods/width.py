@@ -133,12 +133,14 @@ def sequential_plan(context: PruneContext, method: str, config: WidthConfig, kin
     with _runner(context, method, batch_size) as runner, MaskedForward(context.model, adapter) as masked:
         for index, layer in runner.layers():
             with layer_hooks(index, layer) if layer_hooks else nullcontext():
-                statistics = runner.collect(index, output_linears(adapter, layer), kinds)
+                statistics = runner.collect_keeping_attention(index, output_linears(adapter, layer), kinds)
             head_row, channel_row = scorer(index, layer, statistics)
             plan = _prune_one_layer(plan, adapter, index, attention_units(head_row, adapter, unit), channel_row,
                                     counts, unit)
             masked.set_mask(UnitMask.from_plan(plan))  # layers <= index pruned, the rest still dense
-            runner.advance(index)
+            # The heads' outputs do not depend on which heads are kept: the pruned attention output is the kept
+            # o_proj inputs through the masked o_proj (one matmul); only the MLP runs again.
+            runner.advance_replaying_attention(index)
     return plan
 
 
