@@ -83,18 +83,25 @@ def forward_seconds(model, calibration) -> float:
     return time.perf_counter() - started
 
 
-def run_case(label: str, options: dict, ratio: float, calibration, windows, forward: float) -> dict:
+def timed_prune(label: str, options: dict, ratio: float, calibration, forward: float):
+    """A fresh SmolLM2 pruned by ``label``; returns the model, the result and its cost (time, passes, peak)."""
     model, tokenizer = prunekit.load_model("smollm2-135m")
     with PeakMemory(torch.device("cpu")) as memory:
         result = prunekit.prune(model, tokenizer, method_of(label), ratio, calibration=calibration, seed=0,
                                 progress=False, **options)
     seconds = result.metrics["prune_seconds"]
+    cost = {"prune_seconds": seconds, "forward_passes": round(seconds / forward, 2),
+            "peak_memory_mib": round(memory.bytes / 2**20, 1)}
+    return model, result, cost
+
+
+def run_case(label: str, options: dict, ratio: float, calibration, windows, forward: float) -> dict:
+    model, result, cost = timed_prune(label, options, ratio, calibration, forward)
     layers = [layer.to_dict() for layer in result.plan.layers]
     digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
     return {"method": method_of(label), "label": label, "options": options, "ratio": ratio, "plan_sha256": digest,
             "calibration": calibration.source,
-            "ratio_all": round(result.metrics["parameters"]["ratio_all"], 4), "prune_seconds": seconds,
-            "forward_passes": round(seconds / forward, 2), "peak_memory_mib": round(memory.bytes / 2**20, 1),
+            "ratio_all": round(result.metrics["parameters"]["ratio_all"], 4), **cost,
             "perplexity": evaluate(model, windows)}
 
 
@@ -152,13 +159,8 @@ def measure_costs(calibration, forward: float, only: list[str] | None) -> dict:
     for label, options in {**MAIN, **COST_ONLY}.items():
         if only and label not in only:
             continue
-        model, tokenizer = prunekit.load_model("smollm2-135m")
-        with PeakMemory(torch.device("cpu")) as memory:
-            result = prunekit.prune(model, tokenizer, method_of(label), 0.2, calibration=calibration, seed=0,
-                                    progress=False, **options)
-        seconds = result.metrics["prune_seconds"]
-        costs[label] = {"prune_seconds": seconds, "forward_passes": round(seconds / forward, 2),
-                        "peak_memory_mib": round(memory.bytes / 2**20, 1), "forward_seconds": round(forward, 2)}
+        costs[label] = {**timed_prune(label, options, 0.2, calibration, forward)[2],
+                        "forward_seconds": round(forward, 2)}
         print(label, costs[label], flush=True)
     return costs
 

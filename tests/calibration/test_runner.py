@@ -128,9 +128,10 @@ def test_replaying_kept_attention_inputs_reproduces_the_full_forward(family):
             o_proj = adapter.attention_linears(layer)["o_proj"]
             statistics = runner.collect_keeping_attention(index, {"o_proj": o_proj})
             assert statistics["o_proj"].tokens == ids.numel()
-            runner.advance_replaying_attention(index)
+            runner.finish_branch(index, "attention")
+            runner.run_branch(index, "mlp")
         with torch.no_grad():
             assert torch.equal(head_logits(model, runner.inputs.tensor()), full_logits(model, ids))
     with (LayerwiseRunner(model, adapter, ids, batch_size=2, progress=False) as runner,
-          pytest.raises(PrunekitError, match="no kept attention inputs for layer 0")):
-        runner.advance_replaying_attention(0)
+          pytest.raises(PrunekitError, match="no kept inputs for the attention branch of layer 0")):
+        runner.finish_branch(0, "attention")

@@ -244,8 +244,9 @@ class LayerwiseRunner:
     def collect_keeping_attention(self, index: int, linears: Mapping[str, nn.Module],
                                   kinds: Iterable[str] = (HESSIAN,)) -> dict[str, InputStatistics]:
         """:meth:`collect` over the whole layer that also keeps its o_proj inputs, so that
-        :meth:`advance_replaying_attention` recomputes the attention output by one matmul (Wanda-sp's
-        layer-sequential procedure: dense-layer statistics, then the pruned layer's outputs)."""
+        ``finish_branch(index, "attention")`` recomputes the attention output by one matmul and only
+        ``run_branch(index, "mlp")`` runs again (Wanda-sp's layer-sequential procedure: dense-layer statistics,
+        then the pruned layer's outputs)."""
         layer = self._check_position(index)
         self._drop_kept()
 
@@ -254,26 +255,6 @@ class LayerwiseRunner:
             mlp_branch(self.adapter, layer, attention_branch(self.adapter, layer, self.inputs.read(rows), context))
 
         return self._keeping_inputs(index, layer, "attention", linears, kinds, run)
-
-    @torch.no_grad()
-    def advance_replaying_attention(self, index: int) -> None:
-        """The layer's outputs become the next inputs: attention output from the kept o_proj inputs through the
-        current o_proj (with any hooks on it, e.g. a mask), then the MLP branch run on that stream."""
-        layer = self._check_position(index)
-        if self._kept is None or self._kept[:2] != (index, "attention"):
-            raise PrunekitError(f"no kept attention inputs for layer {index}; call collect_keeping_attention first")
-        if self._kept[3] != self._branch_fingerprint(layer, "attention"):
-            raise PrunekitError(f"the attention branch of layer {index} changed outside o_proj after collection")
-        features = self._kept[2]
-        try:
-            for rows in self.batches():
-                middle = replay_branch(self.adapter, layer, "attention", self.inputs.read(rows), features.read(rows))
-                self.inputs.write(rows, mlp_branch(self.adapter, layer, middle))
-        except BaseException:
-            self.close()
-            raise
-        self._drop_kept()
-        self._position = index + 1
 
     @torch.no_grad()
     def finish_branch(self, index: int, branch: str) -> None:

@@ -34,6 +34,7 @@ from prunekit.methods.width import (
     Scores,
     WidthConfig,
     allocate_scores,
+    allocation_option,
     columns_per_head,
     dense_scores,
     output_linears,
@@ -47,9 +48,8 @@ METRICS = ("WIFV", "IFV", "WIFN")
 
 @dataclass(frozen=True)
 class FLAPConfig(WidthConfig):
-    allocation: str = option("global", "global (FLAP's AL-AM: all layers and both unit types ranked together), "
-                             "uniform (UL-UM), layer_range or log_increase",
-                             choices=("global", "uniform", "layer_range", "log_increase"))
+    allocation: str = allocation_option("global", "global (FLAP's AL-AM: all layers and both unit types ranked "
+                                        "together), uniform (UL-UM), layer_range or log_increase")
     metric: str = option("WIFV", "column metric: WIFV (variance x squared column norm), IFV (variance) or WIFN "
                          "(Wanda-like)", choices=METRICS)
     compensate: bool = option(True, "fold the mean of the removed inputs into the o_proj / down_proj bias")

@@ -40,6 +40,7 @@ from prunekit.methods.width import (
     Scores,
     WidthConfig,
     allocate_scores,
+    allocation_option,
     columns_per_head,
     dense_scores,
     sequential_plan,
@@ -52,9 +53,9 @@ LABEL = "LLM-BIP (toolkit definition following the paper's description)"
 
 @dataclass(frozen=True)
 class LLMBIPConfig(WidthConfig):
-    allocation: str = option("layer_range", "layer_range (the spec's default: LLM-Pruner's range, one ratio), "
-                             "global (V2: z-scored, all layers ranked together), uniform or log_increase",
-                             choices=("layer_range", "global", "uniform", "log_increase"))
+    allocation: str = allocation_option("layer_range", "layer_range (the spec's default: LLM-Pruner's range, one "
+                                        "ratio), global (V2: z-scored, all layers ranked together), uniform or "
+                                        "log_increase")
     propagation: str = option("described", "head propagation factor: described (|W_U||W_D|, the paper) or gated "
                               "(V1: SwiGLU linearised with calibration statistics)", choices=("described", "gated"))
     sequential: bool = option(False, "rescore each layer on the pruned layers' outputs instead of the dense model's")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import WIDTH, Capabilities, MethodResult, PruneContext, register
 from prunekit.methods.config import option
-from prunekit.methods.width import Scores, WidthConfig, allocate_scores, check_allocation
+from prunekit.methods.width import Scores, WidthConfig, allocate_scores, allocation_option, check_allocation
 from prunekit.models.adapters import ArchAdapter
 
 VARIANTS = ("element", "vector")
@@ -45,9 +45,8 @@ VARIANTS = ("element", "vector")
 
 @dataclass(frozen=True)
 class TaylorConfig(WidthConfig):
-    allocation: str = option("layer_range", "layer_range (LLM-Pruner's: one ratio, first ceil(n/8) and last "
-                             "ceil(n/16) layers intact), uniform, log_increase or global",
-                             choices=("layer_range", "uniform", "log_increase", "global"))
+    allocation: str = allocation_option("layer_range", "layer_range (LLM-Pruner's: one ratio, first ceil(n/8) and "
+                                        "last ceil(n/16) layers intact), uniform, log_increase or global")
     variant: str = option("element", "element (Element¹: sum of |w * grad|) or vector (|sum of w * grad| per row "
                           "or column)", choices=VARIANTS)
     micro_batch: int = option(2, "calibration windows per forward/backward (memory is bounded by one of them)",
@@ -61,19 +60,18 @@ class TaylorConfig(WidthConfig):
           calibration_tokens=10 * 64, calibration_seqlen=64)
 def taylor(context: PruneContext) -> MethodResult:
     config: TaylorConfig = context.config
-    check_allocation(context, config)
+    check_allocation(context)
     calibration = context.windows("taylor")
     windows = calibration if isinstance(calibration, torch.Tensor) else calibration.input_ids
     check_memory(context.model, context.adapter, min(config.micro_batch, windows.shape[0]), windows.shape[1],
                  config.gradient_checkpointing)
-    with layer_gradients(context.model, context.adapter, config.gradient_checkpointing) as weights:
+    with layer_gradients(context.model, context.adapter, config.gradient_checkpointing):
         accumulate_gradients(context.model, windows, config.micro_batch, context.progress)
         heads, channels = [], []
         for layer in context.adapter.decoder_layers(context.model):
             head_row, channel_row = taylor_scores(layer, context.adapter, config.variant)
             heads.append(head_row)
             channels.append(channel_row)
-        del weights
     return MethodResult(allocate_scores(context, config, heads, channels))
 
 

@@ -27,7 +27,6 @@ from torch import nn
 
 from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.calibration.statistics import InputStatistics
-from prunekit.errors import PrunekitError
 from prunekit.methods.base import PruneContext
 from prunekit.methods.config import MethodConfig, option
 from prunekit.models.adapters import ArchAdapter
@@ -50,11 +49,16 @@ Scorer = Callable[[int, nn.Module, dict[str, InputStatistics]], Scores]
 LayerHooks = Callable[[int, nn.Module], AbstractContextManager]
 
 
+def allocation_option(default: str, help_text: str):
+    """The ``allocation`` option with a method's own default and help (the choices are the allocator's)."""
+    return option(default, help_text, choices=ALLOCATIONS)
+
+
 @dataclass(frozen=True)
 class WidthConfig(MethodConfig):
-    allocation: str = option("uniform", "how units are allocated across layers: uniform, log_increase, layer_range "
-                             "(LLM-Pruner's range) or global (all layers and both unit types ranked together)",
-                             choices=ALLOCATIONS)
+    allocation: str = allocation_option("uniform", "how units are allocated across layers: uniform, log_increase, "
+                                        "layer_range (LLM-Pruner's range) or global (all layers and both unit types "
+                                        "ranked together)")
     match_parameters: bool = option(True, "per-layer modes: after rounding a layer's heads, set its channel count "
                                     "so the layer's removed weights match its ratio")
     attention_unit: str = option("auto", "kv_group (whole KV groups), q_head (query heads, k/v kept) or auto "
@@ -88,10 +92,10 @@ def allocate_scores(context: PruneContext, config: WidthConfig, heads: list[torc
                     standardize=standardize)
 
 
-def check_allocation(context: PruneContext, config: WidthConfig) -> None:
+def check_allocation(context: PruneContext) -> None:
     """Fail before any pass on a target the allocation cannot meet (a per-layer ratio that would empty a layer's
     range, an attention unit the model cannot use); the global mode is checked when it ranks."""
-    adapter = context.adapter
+    adapter, config = context.adapter, context.config
     unit = resolve_attention_unit(adapter, config.attention_unit)
     ratio = context.target.layer_linear_ratio(adapter)
     if config.allocation in PER_LAYER:
@@ -107,7 +111,7 @@ def dense_scores(context: PruneContext, method: str, kinds: Iterable[str], score
                  layer_hooks: LayerHooks | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's scores from one pass of the dense model (see the module docstring)."""
     heads, channels = [], []
-    check_allocation(context, context.config)
+    check_allocation(context)
     with _runner(context, method, batch_size) as runner:
         for index, layer in runner.layers():
             with layer_hooks(index, layer) if layer_hooks else nullcontext():
@@ -122,10 +126,6 @@ def sequential_plan(context: PruneContext, method: str, config: WidthConfig, kin
                     *, batch_size: int = 8, layer_hooks: LayerHooks | None = None) -> PruningPlan:
     """Layer-sequential scoring and pruning (see the module docstring); per-layer allocations only."""
     adapter = context.adapter
-    if config.allocation not in PER_LAYER:
-        raise PrunekitError(f"'{method}' scores layer by layer on the pruned model, which needs a per-layer "
-                            f"allocation ({', '.join(PER_LAYER)}), not '{config.allocation}'; set sequential=false "
-                            "for global allocation")
     unit = resolve_attention_unit(adapter, config.attention_unit)
     counts = per_layer_counts(adapter, context.target.layer_linear_ratio(adapter), config.allocation, unit,
                               config.match_parameters)
@@ -140,7 +140,8 @@ def sequential_plan(context: PruneContext, method: str, config: WidthConfig, kin
             masked.set_mask(UnitMask.from_plan(plan))  # layers <= index pruned, the rest still dense
             # The heads' outputs do not depend on which heads are kept: the pruned attention output is the kept
             # o_proj inputs through the masked o_proj (one matmul); only the MLP runs again.
-            runner.advance_replaying_attention(index)
+            runner.finish_branch(index, "attention")
+            runner.run_branch(index, "mlp")
     return plan
 
 
