@@ -42,7 +42,8 @@ def save_pruned(
 ) -> Path:
     """Write a pruned model as a prunekit checkpoint, atomically; returns the directory.
 
-    ``artifacts`` maps extra file names to JSON-serialisable content written beside the weights.
+    ``artifacts`` maps extra file names to content written beside the weights: bytes as they are (plots),
+    anything else as JSON.
     """
     plan = getattr(model, "prunekit_plan", None)
     dense_config = getattr(model, "prunekit_dense_config", None)
@@ -60,7 +61,10 @@ def save_pruned(
                 **(manifest or {})}
         (staging / MANIFEST_NAME).write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
         for name, content in (artifacts or {}).items():
-            (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
     return directory
 
 

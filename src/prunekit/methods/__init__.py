@@ -8,6 +8,7 @@ from prunekit.methods import (  # noqa: F401  (importing registers them)
     flap,
     llmbip,
     magnitude,
+    pgprune,
     shortgpt,
     sleb,
     slimgpt,
