@@ -183,7 +183,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                    not args.no_progress, blocks=args.blocks, state_path=state_path, **options)
     result.save(args.out, overwrite=args.overwrite)
     if state_path is not None:
-        state_path.unlink(missing_ok=True)  # the checkpoint's schedule artifact now holds the same steps
+        state_path.unlink(missing_ok=True)  # the checkpoint's artifacts (schedule, history) now hold what it held
     print(before_after_table(result.metrics, info.name))
     print(f"saved: {args.out}")
     if args.json is not None:

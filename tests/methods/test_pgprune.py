@@ -271,3 +271,13 @@ def test_bad_pgprune_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
     assert code == 2 and len(lines) == 1 and pattern in lines[0], err
     assert not out.exists()
+
+
+def test_a_per_layer_budget_scope_keeps_every_layer_within_its_own_budget(monkeypatch):
+    model = make_tiny_model("llama", 4, 2, layers=3)
+    seen = _learned(monkeypatch)
+    PGPRUNE.apply_to(model, Target(0.3, "linear"), _random_windows(), progress=False, steps=4, lr_channels=0.5,
+                     budget_scope="layer")
+    budgets = compute_budgets(prunekit.adapter_for(model), Target(0.3, "linear"), "kv_group")
+    channels = seen[-2]["channels"]
+    assert torch.all(channels.sum(dim=1) <= budgets.channel_fraction * channels.shape[1] + 1e-4)

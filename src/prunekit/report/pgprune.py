@@ -75,5 +75,8 @@ def widths_plot(learned: Sequence[dict], initial: Sequence[dict]) -> bytes:
         axis.legend(fontsize=8)
     axes[0].set_title("pgprune: per-layer widths")
     axes[1].set_xlabel("decoder layer")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     return _png(pyplot, figure)
