@@ -30,9 +30,10 @@ from prunekit.methods.base import PruneContext
 from prunekit.methods.config import MethodConfig, option
 from prunekit.methods.depth.report import counts_since, finite, schedule_artifact, step_line
 from prunekit.methods.depth.stack import BranchStack
-from prunekit.methods.depth.state import SearchState, fingerprint
+from prunekit.methods.depth.state import SearchState
 from prunekit.methods.depth.step import ranked, ranking_of, run_step
 from prunekit.methods.depth.units import SELECT_MODES, StopRule, Unit, plan_from_units, removal_ratios
+from prunekit.methods.run_state import fingerprint
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.plan import PruningPlan
 

@@ -10,40 +10,15 @@ the last bits of a score between processes (3e-8 relative on SmolLM2), which cou
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from prunekit._atomic import write_json_atomic
-from prunekit.data.windows import TokenWindows
-from prunekit.errors import PrunekitError
 from prunekit.methods.depth.units import Unit
-from prunekit.models.adapters import ArchAdapter
+from prunekit.methods.run_state import read_state
 
 STATE_FORMAT, STATE_VERSION = "prunekit-depth-search-state", 1
-
-
-def fingerprint(model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, identity: dict[str, Any]) -> str:
-    """SHA-256 of the settings that change the schedule, the model's shapes and weights, and the windows."""
-    digest = hashlib.sha256()
-    header = {"identity": identity, "dense": adapter.describe(), "dtype": str(next(model.parameters()).dtype),
-              "windows": list(windows.input_ids.shape)}
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    digest.update(_tensor_bytes(windows.input_ids))
-    for name, parameter in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(_tensor_bytes(parameter))
-    return digest.hexdigest()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().reshape(-1).contiguous().cpu()
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 @dataclass
@@ -61,18 +36,10 @@ class SearchState:
     def open(cls, path: Path | None, method: str, print_: str | None) -> SearchState:
         """A fresh state, or the one saved at ``path`` when it belongs to the same run."""
         state = cls(path, print_, method)
-        if path is None or not path.exists():
+        data = read_state(path, "search state", STATE_FORMAT, STATE_VERSION,
+                          {"method": method, "fingerprint": print_})
+        if data is None:
             return state
-        try:
-            data = json.loads(path.read_text())
-            valid = data.get("format") == STATE_FORMAT and data.get("version") == STATE_VERSION
-        except (OSError, ValueError, AttributeError):
-            valid = False
-        if not valid:
-            raise PrunekitError(f"search state {path} is unreadable; delete it to start the search afresh")
-        if data.get("method") != method or data.get("fingerprint") != print_:
-            raise PrunekitError(f"search state {path} belongs to another run (model, calibration or settings differ); "
-                                "delete it or choose another --out")
         state.dense, state.steps = data["dense"], list(data["steps"])
         state.resumed_at = list(data.get("resumed_at", [])) + [len(state.steps)]
         return state

@@ -35,6 +35,7 @@ from prunekit.methods.pgprune.init import INITS, initial_probabilities, wanda_sp
 from prunekit.methods.pgprune.learn import BatchStream, LearnSettings, generator_for, learn
 from prunekit.methods.pgprune.policy import Policy
 from prunekit.methods.pgprune.state import LearningState
+from prunekit.methods.run_state import fingerprint
 from prunekit.structure.allocation import ATTENTION_UNITS, resolve_attention_unit
 from prunekit.structure.masks import UnitMask
 from prunekit.structure.plan import PruningPlan
@@ -95,8 +96,6 @@ def pgprune(context: PruneContext) -> MethodResult:
     heldout, training, init_windows = _split(context, config)
     identity = {"config": {key: value for key, value in config.to_dict().items() if key not in _NOT_IDENTITY},
                 "target": context.target.describe(), "seed": context.seed}
-    from prunekit.methods.depth.state import fingerprint
-
     print_ = fingerprint(context.model, adapter, context.windows("pgprune"), identity)
     started = time.perf_counter()
     state = LearningState.load(context.state_path, print_)

@@ -9,7 +9,6 @@ calibration windows, settings that change the result) refuses a state from anoth
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from prunekit._atomic import write_json_atomic
-from prunekit.errors import PrunekitError
+from prunekit.methods.run_state import read_state
 
 STATE_FORMAT, STATE_VERSION = "prunekit-pgprune-state", 1
 
@@ -50,18 +49,9 @@ class LearningState:
     @classmethod
     def load(cls, path: Path | None, fingerprint: str) -> LearningState | None:
         """The saved state of this run, or None when there is none; a one-line error for another run's."""
-        if path is None or not path.exists():
+        data = read_state(path, "pgprune state", STATE_FORMAT, STATE_VERSION, {"fingerprint": fingerprint})
+        if data is None:
             return None
-        try:
-            data = json.loads(path.read_text())
-            valid = data.get("format") == STATE_FORMAT and data.get("version") == STATE_VERSION
-        except (OSError, ValueError, AttributeError):
-            valid = False
-        if not valid:
-            raise PrunekitError(f"pgprune state {path} is unreadable; delete it to start afresh")
-        if data.get("fingerprint") != fingerprint:
-            raise PrunekitError(f"pgprune state {path} belongs to another run (model, calibration or settings "
-                                "differ); delete it or choose another --out")
         return cls(_tensors(data["probabilities"]), _tensors(data["tie_scores"]), _tensors(data["initial"]),
                    data["step"], data["baseline"],
                    data["history"], data["evaluations"], data["seconds"], data["resumed_at"] + [data["step"]])
