@@ -13,6 +13,7 @@ rerun skips finished ones; a Markdown table is written beside it):
 - ``pg20``, ``pg30``: the default settings (EMA baseline, released estimator, lr 6e-3) at 20% and 30%;
 - ``pg20-loo``: 20% with the leave-one-out baseline; ``pg20-short``: 20% with a third of the steps;
 - ``pg20-layers``: 20% with layer units (half of the removed parameters as whole layers);
+- ``pg20-layer-scope``: 20% with the budget projected per layer (the paper reports the global budget better);
 - ``wanda-sp``: the uniform Wanda-sp baseline (its own defaults) at 20% and 30%.
 
 The 7B scripts ran 15,000 steps; on two CPU cores a step takes about 3 s, so these runs are short (``STEPS``).
@@ -50,6 +51,7 @@ CASES = {
     "pg20-loo": (0.2, {"baseline": "leave_one_out"}),
     "pg20-layers": (0.2, {"layer_units": True, "steps": 120}),
     "pg20-short": (0.2, {"steps": STEPS // 3}),
+    "pg20-layer-scope": (0.2, {"budget_scope": "layer"}),
 }
 
 
