@@ -281,3 +281,18 @@ def test_a_per_layer_budget_scope_keeps_every_layer_within_its_own_budget(monkey
     budgets = compute_budgets(prunekit.adapter_for(model), Target(0.3, "linear"), "kv_group")
     channels = seen[-2]["channels"]
     assert torch.all(channels.sum(dim=1) <= budgets.channel_fraction * channels.shape[1] + 1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3", "mistral"])
+def test_other_families_learn_and_keep_the_budget(family):
+    kv_heads = 1 if family == "gemma3_text" else 2
+    model = make_tiny_model(family, 4, kv_heads, layers=3)
+    adapter = prunekit.adapter_for(model)
+    result = PGPRUNE.apply_to(model, Target(0.3, "linear"), _random_windows(), progress=False, steps=3)
+    unit = "q_head" if kv_heads == 1 else "kv_group"
+    budgets = compute_budgets(adapter, Target(0.3, "linear"), unit)
+    kept_attention = sum(len(layer.kept_heads if unit == "q_head" else layer.kept_kv_heads)
+                         for layer in result.plan.layers)
+    assert kept_attention == budgets.kept_attention
+    assert all(len(layer.kept_kv_heads) == kv_heads or unit == "kv_group" for layer in result.plan.layers)
+    assert predicted_ratios(result.plan, adapter).ratio_layers == pytest.approx(0.3, abs=0.01)
