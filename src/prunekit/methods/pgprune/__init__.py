@@ -69,7 +69,9 @@ class PGPruneConfig(MethodConfig):
     layer_share: float = option(0.5, "with layer_units: share of the removed parameters taken as whole layers",
                                 above=0, maximum=1)
     budget_scope: str = option("global", "global: one budget per unit type over all layers (uneven layers); "
-                               "layer: one per layer", choices=("global", "layer"))
+                               "layer: one per layer while learning (the final top-k stays global: exact "
+                               "count)",
+                               choices=("global", "layer"))
     attention_unit: str = option("auto", "kv_group, or q_head (one-KV-head models only); auto picks",
                                  choices=ATTENTION_UNITS)
     execution: str = option("auto", "how the K samples run: masked (one masked forward each, as released), "
