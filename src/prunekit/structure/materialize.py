@@ -82,11 +82,11 @@ def _apply_attention(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapt
     linears = adapter.attention_linears(layer)
     dh = adapter.head_dim
     if len(heads) < adapter.num_heads:
-        rows = _unit_indices(heads, dh)
+        rows = unit_indices(heads, dh)
         _keep_rows(linears["q_proj"], rows)
         _keep_columns(linears["o_proj"], rows)
     if len(kv_heads) < adapter.num_kv_heads:
-        rows = _unit_indices(kv_heads, dh)
+        rows = unit_indices(kv_heads, dh)
         _keep_rows(linears["k_proj"], rows)
         _keep_rows(linears["v_proj"], rows)
     # Kept heads are sorted and each kept group keeps the same count, so the new layout is again repeat_kv order.
@@ -126,9 +126,9 @@ def _add_biases(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter, a
                                        weight.requires_grad)
 
 
-def _unit_indices(units: list[int], width: int) -> torch.Tensor:
+def unit_indices(units: list[int] | torch.Tensor, width: int) -> torch.Tensor:
     """Row (or column) indices of whole units of ``width`` entries, e.g. the d_h rows of each kept head."""
-    base = torch.tensor(units, dtype=torch.long).unsqueeze(1) * width
+    base = torch.as_tensor(units, dtype=torch.long).unsqueeze(1) * width
     return (base + torch.arange(width)).flatten()
 
 

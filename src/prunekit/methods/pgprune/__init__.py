@@ -107,14 +107,15 @@ def pgprune(context: PruneContext) -> MethodResult:
     policy = Policy(state.probabilities, budgets, config.budget_scope)
     settings = _learn_settings(config, context.seed)
     stream = BatchStream(training, config.batch_size, context.seed)
-    with SampleForwards(context.model, adapter, unit, _execution(config, context)) as forwards:
+    execution = _execution(config, context)
+    with SampleForwards(context.model, adapter, unit, execution) as forwards:
         state = learn(policy, forwards, stream, heldout, settings, state, context.state_path, print_,
                       context.progress)
     final = policy.final_masks(state.tie_scores)
     plan = _plan(adapter, unit, final)
     initial = Policy(state.initial, budgets, config.budget_scope)
     init_plan = _plan(adapter, unit, initial.final_masks(state.tie_scores))
-    summary = _summary(state, budgets, plan, init_seconds, _execution(config, context))
+    summary = _summary(state, budgets, plan, init_seconds, execution)
     plan.metrics["pgprune"] = summary
     log.info("pgprune: held-out loss of the init mask %.4f -> learned mask %.4f after %d steps (%.2f s per step)",
              summary["heldout_loss_init_mask"], summary["heldout_loss_final_mask"], state.step,

@@ -20,23 +20,21 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from prunekit.evaluation.perplexity import window_nll_sums
 from prunekit.models.adapters import ArchAdapter
 from prunekit.structure.masks import MaskedForward, UnitMask
+from prunekit.structure.materialize import unit_indices
 
 EXECUTIONS = ("masked", "batched", "sliced")
 Mask = Mapping[str, torch.Tensor]
 
 
 def row_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of every sequence, in fp32 ``[rows]``."""
-    predictions = logits[:, :-1].float().flatten(0, 1)
-    targets = input_ids[:, 1:].flatten().to(predictions.device)
-    losses = F.cross_entropy(predictions, targets, reduction="none")
-    return losses.view(input_ids.shape[0], -1).mean(dim=1)
+    """Mean next-token cross-entropy of every sequence, in fp32 ``[rows]`` (perplexity's NLL sums per window)."""
+    return window_nll_sums(logits, input_ids.to(logits.device)) / (input_ids.shape[1] - 1)
 
 
 class SampleForwards:
@@ -67,10 +65,9 @@ class SampleForwards:
         """One mean loss per mask, over every token of ``input_ids`` ``[B, T]``."""
         input_ids = input_ids.to(self.device)
         if self.execution == "batched":
-            batched = self.unit_mask_batched(masks, input_ids.shape[0])
-            self._masked.set_mask(batched)
-            logits = self.model(input_ids.repeat(len(masks), 1), use_cache=False).logits
-            per_row = row_losses(logits, input_ids.repeat(len(masks), 1)).view(len(masks), -1)
+            self._masked.set_mask(self.unit_mask_batched(masks, input_ids.shape[0]))
+            rows = input_ids.repeat(len(masks), 1)
+            per_row = row_losses(self.model(rows, use_cache=False).logits, rows).view(len(masks), -1)
             return per_row.mean(dim=1).tolist()
         return [self.loss(input_ids, mask) for mask in masks]
 
@@ -145,7 +142,7 @@ class SampleForwards:
         linears, dh = self.adapter.attention_linears(layer), self.adapter.head_dim
         empty = kept.numel() == 0
         heads, kv_heads = self._head_units(kept if not empty else torch.tensor([0]))
-        head_rows, kv_rows = _unit_rows(heads, dh), _unit_rows(kv_heads, dh)
+        head_rows, kv_rows = unit_indices(heads, dh), unit_indices(kv_heads, dh)
         self._rows(weights, linears["q_proj"], head_rows)
         self._rows(weights, linears["k_proj"], kv_rows)
         self._rows(weights, linears["v_proj"], kv_rows)
@@ -173,7 +170,3 @@ class SampleForwards:
         if linear.bias is not None and zero:
             weights[f"{name}.bias"] = torch.zeros_like(linear.bias)
 
-
-def _unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Row indices of whole units of ``width`` rows (a head's d_h rows)."""
-    return (units[:, None] * width + torch.arange(width)).flatten()
