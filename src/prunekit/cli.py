@@ -66,12 +66,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.data.corpora import check_source
     from prunekit.data.windows import evaluation_windows, resolve_bos
+    from prunekit.evaluation.zero_shot import load_tasks, parse_tasks, zero_shot
     from prunekit.models.adapters import unique_parameter_count
     from prunekit.report import format_table
+    from prunekit.report.tables import zero_shot_table
 
-    sources = args.ppl or ["mix"]
+    sources = args.ppl or ([] if args.tasks else ["mix"])
     for source in sources:
         check_source(source)
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    if tasks:
+        load_tasks(tasks)  # unknown names and unreachable data fail before the model loads
     if args.max_tokens < args.seqlen:
         raise PrunekitError(f"--max-tokens {args.max_tokens} is less than one window of --seqlen {args.seqlen}")
     if args.json is not None:
@@ -84,19 +89,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         split = "all" if Path(source).is_file() else "evaluation"
         windows = evaluation_windows(tokenizer, source, seqlen, args.max_tokens, args.bos, split=split)
         results[windows.source] = prunekit.perplexity(model, windows, args.batch_size, not args.no_progress)
+    accuracy = zero_shot(model, tokenizer, tasks, args.task_batch_size, args.task_limit) if tasks else None
     params = unique_parameter_count(model)
-    rows = [[name, r.perplexity, r.windows, r.scored_tokens, r.seqlen, r.bos, r.dtype, f"{r.seconds:.1f}"]
-            for name, r in results.items()]
     print(f"model: {args.model}  parameters: {params:,}")
-    print(format_table(["corpus", "perplexity", "windows", "scored tokens", "seqlen", "bos", "dtype", "seconds"], rows))
+    if results:
+        rows = [[name, r.perplexity, r.windows, r.scored_tokens, r.seqlen, r.bos, r.dtype, f"{r.seconds:.1f}"]
+                for name, r in results.items()]
+        print(format_table(["corpus", "perplexity", "windows", "scored tokens", "seqlen", "bos", "dtype", "seconds"],
+                           rows))
+    if accuracy is not None:
+        print(format_table(*zero_shot_table(accuracy.tasks)))
+        print(f"lm-eval {accuracy.lm_eval_version}, zero-shot, {accuracy.seconds:.1f} s; +- is the standard error")
     if args.json is not None:
-        report = {
-            "model": str(args.model),
-            "params": params,
-            "dtype": results[next(iter(results))].dtype,
-            "perplexity": {name: r.perplexity for name, r in results.items()},
-            "details": {name: r.to_dict() for name, r in results.items()},
-        }
+        report = {"model": str(args.model), "params": params}
+        if results:
+            report.update(dtype=results[next(iter(results))].dtype,
+                          perplexity={name: r.perplexity for name, r in results.items()},
+                          details={name: r.to_dict() for name, r in results.items()})
+        if accuracy is not None:
+            report["zero_shot"] = accuracy.to_dict()
         _write_json(args.json, report)
     return 0
 

@@ -51,6 +51,19 @@ def _seed(text: str) -> int:
     return value
 
 
+def _add_task_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--tasks", default=default, metavar="NAMES",
+        help="zero-shot tasks through lm-eval, comma-separated: local (the offline suite: prunekit_continuation, "
+        "prunekit_lastword) and/or standard names such as piqa,hellaswag where their data can be reached"
+        + (f" (default: {default}; 'none' to skip)" if default else ""),
+    )
+    parser.add_argument("--task-limit", type=_positive_int, metavar="N",
+                        help="score only the first N items of each task (quicker; larger standard errors)")
+    parser.add_argument("--task-batch-size", type=_positive_int, default=16,
+                        help="lm-eval batch size (default: 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="prunekit",
@@ -62,15 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "models: name, architecture, parameters, whether installed and whether converted (cached).")
 
     evaluate = commands.add_parser(
-        "eval", help="measure perplexity", description="Measure perplexity on the evaluation split of corpora "
-        "(windows of --seqlen tokens, one after another from the start of the split; see README 'Perplexity').",
+        "eval", help="measure perplexity and zero-shot accuracy", description="Measure perplexity on the evaluation "
+        "split of corpora (windows of --seqlen tokens, one after another from the start of the split; see README "
+        "'Perplexity') and, with --tasks, zero-shot accuracy through lm-eval-harness on the model in memory.",
     )
     _add_model_options(evaluate)
     evaluate.add_argument(
         "--ppl", action="append", metavar="NAME_OR_PATH",
         help="corpus: mix, sample, kjv, pydocs, fortunes, jargon, wikitext2, ptb, c4, alpaca, or a .txt/.jsonl "
-        "file (whole file); repeat for several (default: mix)",
+        "file (whole file); repeat for several (default: mix, unless --tasks is given)",
     )
+    _add_task_options(evaluate)
     evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: 2048)")
     evaluate.add_argument(
         "--max-tokens", type=_positive_int, default=65536,

@@ -39,3 +39,19 @@ def before_after_table(metrics: dict, method: str) -> str:
          after["perplexity"] if after else None, f"{metrics['prune_seconds']:.1f}"],
     ]
     return format_table(["model", "parameters", "ratio_all", "ratio_layers", label, "prune seconds"], rows)
+
+
+def accuracy_cell(row: dict, metric: str) -> str:
+    """``0.7250 +- 0.0224`` (or ``-`` when the task has no such metric)."""
+    value = row.get(metric)
+    if value is None:
+        return "-"
+    error = row.get(f"{metric}_stderr")
+    return f"{value:.4f}" + (f" +- {error:.4f}" if error is not None else "")
+
+
+def zero_shot_table(tasks: dict[str, dict]) -> tuple[list[str], list[list[object]]]:
+    """Headers and rows of zero-shot results: one row per task, acc and acc_norm with their standard errors."""
+    rows = [[name, accuracy_cell(row, "acc"), accuracy_cell(row, "acc_norm"), row.get("items")]
+            for name, row in tasks.items()]
+    return ["task", "acc", "acc_norm", "items"], rows
