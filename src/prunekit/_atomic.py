@@ -92,13 +92,18 @@ def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None,
 
     Non-finite floats are refused unless ``allow_nan`` (states are strict JSON; reports may carry a NaN).
     """
+    text = json.dumps(payload, indent=indent, allow_nan=allow_nan, default=default) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path``: the old file stays intact until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=indent, allow_nan=allow_nan, default=default) + "\n"
     handle, staging = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
         os.chmod(staging, 0o644)
         os.replace(staging, path)
     except BaseException:

@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
-                    "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export}
+                    "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export,
+                    "compare": _cmd_compare}
         with console_summaries():
             return handlers[args.command](args)
     except PrunekitError as error:
@@ -250,6 +251,62 @@ def _cmd_export(args: argparse.Namespace) -> int:
     export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from prunekit.evaluation.compare import CompareSettings, run_compare
+    from prunekit.evaluation.speed import parse_shapes
+    from prunekit.evaluation.zero_shot import load_tasks, parse_tasks
+    from prunekit.methods import available_methods
+    from prunekit.report.compare import markdown_table, table_rows, write_report
+
+    methods = sorted(available_methods()) if args.methods == "all" else _names(args.methods)
+    ratios = [_ratio_value(text) for text in _names(args.ratios)]
+    tasks = [] if args.tasks == "none" else parse_tasks(args.tasks)
+    if args.decode_tokens < 0 or args.decode_tokens == 1:
+        raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {args.decode_tokens}")
+    settings = CompareSettings(
+        model=str(args.model), dtype=args.dtype, device=args.device, calib=args.calib,
+        calib_tokens=args.calib_tokens, seqlen=args.seqlen, calib_windows=args.calib_windows, bos=args.bos,
+        seed=args.seed, ratio_of=args.ratio_of, eval_corpora=tuple(args.eval or ["mix", "jargon"]),
+        eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, tasks=tuple(tasks), task_limit=args.task_limit,
+        task_batch_size=args.task_batch_size, speed_shapes=tuple(parse_shapes(args.shapes)),
+        decode_tokens=args.decode_tokens, speed_repeats=args.repeats, options=_method_options(args.option))
+    if tasks:
+        load_tasks(tasks)  # an unknown task or unreachable data fails before any cell runs
+    computed = run_compare(args.out, settings, methods, ratios, not args.no_progress, args.retry_failed)
+    command = "prunekit " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else []))
+    paths = write_report(args.out, command)
+    from prunekit.evaluation.compare import read_cells
+
+    print(markdown_table(*table_rows(*read_cells(args.out))))
+    print(f"computed {len(computed)} cell(s) now; report: {paths['html']} (also results.json, results.csv, "
+          "results.md, plots/)")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _ratio_value(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PrunekitError(f"--ratios: '{text}' is not a number; give fractions such as 0.1,0.2,0.3") from None
+
+
+def _method_options(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``--option METHOD.KEY=VALUE`` pairs, by method."""
+    options: dict[str, dict[str, str]] = {}
+    for method_key, value in _parse_options(pairs).items():
+        method, dot, key = method_key.partition(".")
+        if not dot or not method or not key:
+            raise PrunekitError(f"--option '{method_key}={value}' is not METHOD.KEY=VALUE (e.g. pgprune.steps=100)")
+        options.setdefault(method.replace("_", "-"), {})[key] = value
+    return options
 
 
 def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True):

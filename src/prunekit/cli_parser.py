@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     _add_prune_parsers(commands)
+    _add_compare_parser(commands)
     return parser
 
 
@@ -183,3 +184,47 @@ def _add_prune_parsers(commands) -> None:
                         help="export with one global head/channel count (the only export kind so far)")
     export.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _add_compare_parser(commands) -> None:
+    compare = commands.add_parser(
+        "compare", help="prune with several methods at several ratios and compare them",
+        description="Run every method at every ratio on one model (each cell from a fresh copy of the dense "
+        "weights, all with the same calibration windows) and record parameters, both ratios, perplexity per "
+        "corpus, zero-shot accuracy, prune time, peak memory and prefill / decode speed-up against dense. "
+        "Rerunning the same command computes only missing cells (a killed run loses at most the cell in "
+        "progress); a failed cell records its error and the others still run. Writes results.json, results.csv, "
+        "results.md, plots/ and report.html into --out.",
+    )
+    _add_model_options(compare)
+    compare.add_argument("--methods", required=True,
+                         help="comma-separated method names, or 'all' (see 'prunekit methods')")
+    compare.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated fractions to remove "
+                         "(default: 0.1,0.2,0.3)")
+    compare.add_argument("--ratio-of", default="all", choices=["all", "linear"],
+                         help="what a ratio counts: all parameters (default) or decoder-layer linear weights")
+    compare.add_argument("--out", type=Path, required=True, help="run directory (created, or resumed if it holds "
+                         "a run with the same settings)")
+    compare.add_argument("--calib", default="mix", metavar="NAME_OR_PATH", help="calibration corpus (default: mix)")
+    compare.add_argument("--calib-tokens", type=_positive_int, default=16384,
+                         help="calibration tokens shared by every cell (default: 16384)")
+    compare.add_argument("--seqlen", type=_positive_int, default=512, help="calibration window (default: 512)")
+    compare.add_argument("--calib-windows", default="random", choices=["random", "sequential"],
+                         help="seeded random windows, or consecutive windows from the start (default: random)")
+    compare.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
+    compare.add_argument("--seed", type=_seed, default=0, help="seed for calibration and methods (default: 0)")
+    compare.add_argument("--eval", action="append", metavar="NAME_OR_PATH",
+                         help="perplexity corpus, evaluation split; repeat for several (default: mix and jargon)")
+    compare.add_argument("--eval-tokens", type=_positive_int, default=16384,
+                         help="evaluation tokens per corpus (default: 16384)")
+    compare.add_argument("--eval-seqlen", type=_positive_int, default=512, help="evaluation window (default: 512)")
+    _add_task_options(compare, default="local")
+    compare.add_argument("--shapes", default="1x512", help="prefill BATCHxLENGTH shapes timed (default: 1x512)")
+    compare.add_argument("--decode-tokens", type=int, default=32,
+                         help="greedy tokens per decode run, 0 to skip decode (default: 32)")
+    compare.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per speed measurement "
+                         "(default: 3)")
+    compare.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                         help="set a method hyperparameter for its cells, e.g. pgprune.steps=100 (repeatable)")
+    compare.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
+    compare.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)

@@ -8,6 +8,7 @@ or whose data cannot be reached, is a one-line error before anything runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -55,13 +56,22 @@ def parse_tasks(text: str | Sequence[str]) -> list[str]:
     return expanded
 
 
-def load_tasks(names: Sequence[str]) -> dict:
-    """lm-eval's task objects for ``names``; one line naming the task for an unknown name or unreachable data."""
+@functools.cache
+def task_manager(include_defaults: bool):
+    """lm-eval's task index with the offline suite; indexing lm-eval's own thousands of tasks takes about 10 s, so
+    it is done only when a standard task is asked for, and once per process."""
     _quiet_lm_eval()
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
-    standard = [name for name in names if name not in LOCAL_TASKS]
-    manager = TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=bool(standard))
+    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=include_defaults)
+
+
+def load_tasks(names: Sequence[str]) -> tuple[dict, Any]:
+    """lm-eval's task objects for ``names`` and the index they came from; one line naming the task for an
+    unknown name or unreachable data."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = task_manager(any(name not in LOCAL_TASKS for name in names))
     for name in names:
         if name not in manager.all_tasks:
             raise PrunekitError(f"unknown zero-shot task '{name}': lm-eval has no such task; use local (the offline "
@@ -76,7 +86,7 @@ def load_tasks(names: Sequence[str]) -> dict:
                 f"zero-shot task '{name}': its data cannot be reached ({type(error).__name__}: {reason}); run where "
                 "the Hugging Face hub or a local datasets cache has it, or use --tasks local (offline)"
             ) from None
-    return loaded
+    return loaded, manager
 
 
 def zero_shot(
@@ -93,7 +103,7 @@ def zero_shot(
     is restored afterwards.
     """
     names = parse_tasks(tasks)
-    task_dict = load_tasks(names)
+    task_dict, manager = load_tasks(names)
     _quiet_lm_eval()
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
@@ -107,7 +117,8 @@ def zero_shot(
         output = evaluator.simple_evaluate(
             # bootstrap_iters > 0 turns on lm-eval's analytic standard error of a mean (acc, acc_norm); no task of
             # ours has a bootstrapped metric, so no bootstrap (and no worker pool) runs.
-            model=lm, tasks=list(task_dict.values()), limit=limit, bootstrap_iters=1000, log_samples=False,
+            model=lm, tasks=list(task_dict.values()), task_manager=manager, limit=limit, bootstrap_iters=1000,
+            log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     finally:
