@@ -36,7 +36,8 @@ ITEMS_PER_CORPUS = 100
 CHOICES = 4
 TASK_FILES = {"prunekit_continuation": "continuation.jsonl", "prunekit_lastword": "lastword.jsonl"}
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
-_ROLE = re.compile(r":[\w-]+(?::[\w-]+)?:`(?:[^`<]*<)?([^`>]*)>?`")  # :func:`name` or :ref:`text <target>`
+# Roles as Sphinx shows them: :func:`os.open` as "os.open", :func:`~os.open` as "open", :ref:`text <target>` as "text"
+_ROLE = re.compile(r":[\w-]+(?::[\w-]+)?:`(?:~[\w.]*\.)?([^`<]*?)\s*(?:<[^`>]*>)?`")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class Passage:
 
 
 def clean_paragraph(text: str) -> str | None:
-    """One line of prose, or None for markup, code, headings and tables (the pydocs sources are reST)."""
+    """One line of prose, or None for markup, code, headings and tables (the pydocs sources are reST).
+
+    The paragraph is stripped first, so a one-line indented paragraph counts as prose; one whose following lines
+    are indented (code blocks, directive bodies) is dropped. Items need 31+ words, which one line of code is not.
+    """
     lines = text.strip().splitlines()
     if not lines or any(line.startswith((" ", "\t", "..", ">>>", "=", "-", "*", "+", "|", ":")) for line in lines):
         return None
