@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 SMOLLM2_VERSION := 0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint corpora models clean-venv
+.PHONY: setup demo test lint corpora browser models clean-venv
 
 setup: $(STAMPS)/project $(STAMPS)/smollm2
 
@@ -42,6 +42,13 @@ $(STAMPS)/corpora: $(STAMPS)/venv
 	  >/dev/null; fi
 	touch $@
 
+# Headless Chromium (Debian's package) renders compare reports in the tests and takes the docs' screenshot.
+browser: $(STAMPS)/browser
+$(STAMPS)/browser: $(STAMPS)/venv
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium \
+	  >/dev/null; }
+	touch $@
+
 models: setup
 	$(VENV)/bin/prunekit models
 
@@ -54,7 +61,7 @@ demo: setup corpora
 	$(VENV)/bin/prunekit bench --model runs/demo-slimgpt-20 --vs smollm2-135m --shapes 1x512 --decode-tokens 32 \
 		--repeats 3
 
-test: setup corpora
+test: setup corpora browser
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 

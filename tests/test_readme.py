@@ -22,3 +22,15 @@ def test_the_readme_quick_start_prunes_saves_reloads_and_generates(tmp_path, mon
     assert "removed 20.0% of the parameters; perplexity" in printed
     assert "The Lord is my shepherd;" in printed  # the prompt, then what the pruned model generated
     assert (tmp_path / "runs" / "quickstart" / "prunekit.json").is_file()
+
+
+def test_the_readme_results_section_is_generated_from_the_committed_compare_run():
+    from prunekit.report.readme import END, START, results_section
+
+    repo = README.parent
+    run = repo / "benchmarks" / "results" / "compare_smollm2"
+    text = README.read_text()
+    committed = text[text.index(START):text.index(END) + len(END)]
+    shot = repo / "docs" / "images" / "compare_report.png"
+    assert shot.is_file()
+    assert committed == results_section(run, repo, shot), "rerun tools/readme_results.py"

@@ -90,7 +90,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         split = "all" if Path(source).is_file() else "evaluation"
         windows = evaluation_windows(tokenizer, source, seqlen, args.max_tokens, args.bos, split=split)
         results[windows.source] = prunekit.perplexity(model, windows, args.batch_size, not args.no_progress)
-    accuracy = zero_shot(model, tokenizer, tasks, args.task_batch_size, args.task_limit) if tasks else None
+    accuracy = (zero_shot(model, tokenizer, tasks, args.task_batch_size, args.task_limit, progress=not args.no_progress)
+                if tasks else None)
     params = unique_parameter_count(model)
     print(f"model: {args.model}  parameters: {params:,}")
     if results:

@@ -115,26 +115,31 @@ def check_request(settings: CompareSettings, methods: Sequence[str], ratios: Seq
                             f"{settings.eval_seqlen}")
 
 
-def open_run(out: Path, settings: CompareSettings) -> None:
-    """Create the run directory, or check that the one there was made with the same settings."""
+def check_run(out: Path, settings: CompareSettings) -> bool:
+    """Whether ``out`` already holds this run; a one-line error if it holds anything else."""
     manifest = out / "compare.json"
-    wanted = {"format": COMPARE_FORMAT, "version": COMPARE_VERSION, "settings": settings.to_dict()}
     if manifest.is_file():
-        import json
-
-        found = json.loads(manifest.read_text())
+        found = _read(manifest)
         if found.get("format") != COMPARE_FORMAT:
             raise PrunekitError(f"{out} holds something other than a prunekit compare run; choose another --out")
-        differing = sorted(key for key, value in wanted["settings"].items() if found["settings"].get(key) != value)
+        wanted = settings.to_dict()
+        differing = sorted(key for key, value in wanted.items() if found["settings"].get(key) != value)
         if differing:
             raise PrunekitError(f"{out} holds a compare run with other settings ({', '.join(differing)} differ); "
                                 "rerun with the same settings, or choose another --out")
-        return
-    if out.exists() and any(out.iterdir()):
+        return True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrunekitError(f"{out} exists and is not a compare run; choose another --out")
+    return False
+
+
+def create_run(out: Path, settings: CompareSettings) -> None:
+    """The run directory and its manifest (made only once the model and windows loaded, so that a bad model name
+    leaves nothing behind)."""
     for folder in ("cells", "states", "logs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, wanted, indent=2)
+    write_json_atomic(out / "compare.json", {"format": COMPARE_FORMAT, "version": COMPARE_VERSION,
+                                             "settings": settings.to_dict()}, indent=2)
 
 
 @dataclass
@@ -179,7 +184,7 @@ def measure(model: nn.Module, inputs: Inputs, settings: CompareSettings, progres
     }
     if settings.tasks:
         result["zero_shot"] = zero_shot(model, inputs.tokenizer, settings.tasks, settings.task_batch_size,
-                                        settings.task_limit, settings.seed).to_dict()
+                                        settings.task_limit, settings.seed, progress).to_dict()
     speed = benchmark_speed(model, settings.speed_shapes, settings.decode_tokens, settings.speed_repeats)
     result["speed"] = {
         "prefill_tokens_per_second": {r.shape: r.tokens_per_second.median for r in speed.prefill},
@@ -283,13 +288,15 @@ def run_compare(out: str | Path, settings: CompareSettings, methods: Sequence[st
 
     out = Path(out)
     check_request(settings, methods, ratios)
-    open_run(out, settings)
+    exists = check_run(out, settings)
     todo = [(m, r) for m, r in cell_order(methods, ratios) if _needs_run(out, cell_name(m, r), retry_failed)]
     dense_path = out / "cells" / f"{DENSE}.json"
     if not todo and dense_path.is_file():
         return []
     need_calibration = any(method_info(m).capabilities.needs_calibration for m, _ in todo)
     inputs = load_inputs(settings, need_calibration)
+    if not exists:
+        create_run(out, settings)
     computed = []
     if not dense_path.is_file():
         started = time.perf_counter()

@@ -69,8 +69,6 @@ def task_manager(include_defaults: bool):
 def load_tasks(names: Sequence[str]) -> tuple[dict, Any]:
     """lm-eval's task objects for ``names`` and the index they came from; one line naming the task for an
     unknown name or unreachable data."""
-    from lm_eval.tasks import get_task_dict
-
     manager = task_manager(any(name not in LOCAL_TASKS for name in names))
     for name in names:
         if name not in manager.all_tasks:
@@ -79,7 +77,7 @@ def load_tasks(names: Sequence[str]) -> tuple[dict, Any]:
     loaded = {}
     for name in names:
         try:
-            loaded.update(get_task_dict([name], manager))
+            loaded.update(manager.load([name])["tasks"])
         except Exception as error:  # noqa: BLE001  (datasets raises many kinds; each becomes one line)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise PrunekitError(
@@ -96,6 +94,7 @@ def zero_shot(
     batch_size: int = 16,
     limit: int | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> ZeroShotResult:
     """Run ``tasks`` (names or ``local``) with lm-eval on ``model`` as it is in memory; accuracy per task.
 
@@ -113,6 +112,9 @@ def zero_shot(
     was_training = model.training
     # HFLM takes an in-memory PreTrainedModel as is (no copy, no reload); it puts it in eval mode.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    if not progress:
+        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, request_type, functools.partial(getattr(type(lm), request_type), lm, disable_tqdm=True))
     try:
         output = evaluator.simple_evaluate(
             # bootstrap_iters > 0 turns on lm-eval's analytic standard error of a mean (acc, acc_norm); no task of
