@@ -55,8 +55,10 @@ def test_every_cell_recorded_and_a_failure_does_not_stop_the_others(finished):
     failed = _cell(out, "magnitude@0.9")
     assert failed["status"] == "failed" and "lower --ratio" in failed["error"] and "\n" not in failed["error"]
     assert "Traceback" in (out / "logs" / "magnitude@0.9.txt").read_text()
+    _, cells = read_cells(out)
+    by_name = {f"{c['method']}@{c['ratio']:g}": c for c in cells}
     for name in ("flap@0.2", "flap@0.3", "sleb@0.2", "sleb@0.3", "magnitude@0.2", "magnitude@0.3"):
-        cell = _cell(out, name)
+        cell = by_name[name]
         assert cell["status"] == "ok", cell.get("error")
         assert set(cell["perplexity"]) == {"mix"} and cell["zero_shot"]["tasks"]["prunekit_continuation"]["items"] == 4
         assert cell["speedup"]["decode"] > 0 and cell["prune_seconds"] >= 0
@@ -91,6 +93,13 @@ def test_rerun_computes_nothing_and_other_settings_are_refused(finished):
     assert run_compare(out, settings, ["flap", "sleb", "magnitude"], [0.2, 0.3, 0.9], progress=False,
                        log=lambda line: None) == []
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    (out / "cells" / "dense.json").unlink()  # the way to measure the reference again
+    assert run_compare(out, settings, ["flap", "sleb", "magnitude"], [0.2, 0.3, 0.9], progress=False,
+                       log=lambda line: None) == ["dense"]
+    _, cells = read_cells(out)
+    dense, flap = cells[0], next(c for c in cells if c["method"] == "flap")
+    assert flap["speedup"]["decode"] == (flap["speed"]["decode_tokens_per_second"]
+                                         / dense["speed"]["decode_tokens_per_second"])
     with pytest.raises(prunekit.PrunekitError, match="other settings \\(seed differ"):
         run_compare(out, settings_for(settings.model, seed=1), ["flap"], [0.2], progress=False)
 

@@ -11,8 +11,9 @@ A compare run lives in one directory::
 
 Each cell starts from a fresh copy of the dense weights (weight-editing methods change them), prunes with the
 calibration windows drawn once for the whole run, and records parameters, both ratios, perplexity per corpus,
-zero-shot accuracy (lm-eval), prune time, the peak memory growth while pruning, and prefill / decode speed-up
-against the dense model. A finished cell is never recomputed; a killed run loses only the cell in progress (and a
+zero-shot accuracy (lm-eval), prune time, the peak memory growth while pruning, and prefill / decode throughput;
+``read_cells`` derives the speed-ups against the dense cell (so deleting ``cells/dense.json`` and rerunning
+measures the reference again, and every speed-up follows). A finished cell is never recomputed; a killed run loses only the cell in progress (and a
 resumable method continues inside it); a cell that fails records its error and the others still run.
 
 Nested depth methods (BlockPruner, SLEB) keep one search state per method: their cells run from the largest ratio
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import datetime
 import gc
+import json
 import os
 import time
 import traceback
@@ -207,7 +209,7 @@ def speedups(cell: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_cell(method: str, ratio: float, inputs: Inputs, settings: CompareSettings, out: Path,
-             dense: dict[str, Any], progress: bool) -> dict[str, Any]:
+             progress: bool) -> dict[str, Any]:
     """Prune a fresh copy of the dense model and measure it; the cell's JSON record.
 
     ``search_shared`` in the record: a nested method's cell that needed no new search step (its schedule came
@@ -238,7 +240,6 @@ def run_cell(method: str, ratio: float, inputs: Inputs, settings: CompareSetting
         **kept_structure(result.plan),
     }
     cell.update(measure(result.model, inputs, settings, progress))
-    cell["speedup"] = speedups(cell, dense)
     del model, result
     gc.collect()
     return cell
@@ -303,13 +304,12 @@ def run_compare(out: str | Path, settings: CompareSettings, methods: Sequence[st
         log("compare: measuring the dense model")
         write_json_atomic(dense_path, _stamp(dense_cell(inputs, settings, progress), started), indent=2)
         computed.append(DENSE)
-    dense = _read(dense_path)
     for index, (method, ratio) in enumerate(todo, 1):
         name = cell_name(method, ratio)
         log(f"compare: cell {index}/{len(todo)}: {name}")
         started = time.perf_counter()
         try:
-            cell = run_cell(method, ratio, inputs, settings, out, dense, progress)
+            cell = run_cell(method, ratio, inputs, settings, out, progress)
         except Exception as error:  # noqa: BLE001  (one cell's failure is recorded; the others still run)
             cell = failure(method, ratio, error, time.perf_counter() - started, out / "logs" / f"{name}.txt")
             log(f"compare: {name} failed: {cell['error']}")
@@ -333,8 +333,6 @@ def _needs_run(out: Path, name: str, retry_failed: bool) -> bool:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text())
 
 
@@ -344,4 +342,10 @@ def read_cells(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     settings = _read(out / "compare.json")["settings"]
     cells = [_read(path) for path in sorted((out / "cells").glob("*.json"))]
     cells.sort(key=lambda cell: (cell["method"] != DENSE, cell["method"], cell["ratio"]))
+    dense = next((cell for cell in cells if cell["method"] == DENSE and cell["status"] == "ok"), None)
+    for cell in cells:
+        # Derived here, not stored: the dense cell can be measured again (delete its file and rerun) and every
+        # speed-up follows.
+        if dense is not None and cell["status"] == "ok" and cell["method"] != DENSE:
+            cell["speedup"] = speedups(cell, dense)
     return settings, cells
