@@ -13,8 +13,9 @@ Each cell starts from a fresh copy of the dense weights (weight-editing methods 
 calibration windows drawn once for the whole run, and records parameters, both ratios, perplexity per corpus,
 zero-shot accuracy (lm-eval), prune time, the peak memory growth while pruning, and prefill / decode throughput;
 ``read_cells`` derives the speed-ups against the dense cell (so deleting ``cells/dense.json`` and rerunning
-measures the reference again, and every speed-up follows). A finished cell is never recomputed; a killed run loses only the cell in progress (and a
-resumable method continues inside it); a cell that fails records its error and the others still run.
+measures the reference again, and every speed-up follows). A finished cell is never recomputed (delete its file to
+recompute it); a killed run loses only the cell in progress (and a resumable method continues inside it); a cell
+that fails records its error and the others still run.
 
 Nested depth methods (BlockPruner, SLEB) keep one search state per method: their cells run from the largest ratio
 down, so the search runs once, at the largest ratio, and every smaller ratio takes a prefix of its schedule.

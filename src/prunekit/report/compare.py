@@ -210,14 +210,18 @@ def kept_plots(cells: list[dict[str, Any]]) -> dict[str, bytes]:
     figures = {}
     for ratio in sorted({c["ratio"] for c in cells if c["status"] == "ok" and c["method"] != DENSE}):
         chosen = [c for c in cells if c["status"] == "ok" and c["method"] != DENSE and c["ratio"] == ratio]
-        figure, axes = plt.subplots(len(chosen), 1, figsize=(11, 1.25 * len(chosen) + 0.8), squeeze=False,
-                                    sharex=True)
+        height = 1.25 * len(chosen) + 1.0
+        figure, axes = plt.subplots(len(chosen), 1, figsize=(11, height), squeeze=False, sharex=True)
         for axis, cell in zip(axes[:, 0], chosen, strict=True):
             _kept_panel(axis, cell, full)
-        axes[0][0].legend(fontsize=7, ncol=4, loc="lower left", bbox_to_anchor=(0, 1.02))
         axes[-1][0].set_xlabel("decoder layer")
-        figure.suptitle(f"What each method kept at target {ratio:.0%} (share of the dense layer)", y=1.0 +
-                        0.25 / len(chosen))
+        # Title and legend in the top 0.75 inch, whatever the number of methods.
+        figure.subplots_adjust(top=1 - 0.75 / height, hspace=0.25)
+        figure.suptitle(f"What each method kept at target {ratio:.0%} (share of the dense layer)",
+                        y=1 - 0.1 / height)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="upper center", ncol=4, fontsize=8,
+                      bbox_to_anchor=(0.5, 1 - 0.3 / height))
         figures[f"kept_{ratio:g}"] = _png(figure)
     return figures
 
