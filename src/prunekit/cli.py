@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports
         if args.command is None:
             build_parser().print_help()
             return 0
@@ -257,7 +258,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
-    from prunekit.evaluation.compare import CompareSettings, run_compare
+    from prunekit.evaluation.compare import CompareSettings, read_cells, run_compare
     from prunekit.evaluation.speed import parse_shapes
     from prunekit.evaluation.zero_shot import load_tasks, parse_tasks
     from prunekit.methods import available_methods
@@ -278,10 +279,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if tasks:
         load_tasks(tasks)  # an unknown task or unreachable data fails before any cell runs
     computed = run_compare(args.out, settings, methods, ratios, not args.no_progress, args.retry_failed)
-    command = "prunekit " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else []))
-    paths = write_report(args.out, command)
-    from prunekit.evaluation.compare import read_cells
-
+    paths = write_report(args.out, "prunekit " + " ".join(shlex.quote(a) for a in args.argv))
     print(markdown_table(*table_rows(*read_cells(args.out))))
     print(f"computed {len(computed)} cell(s) now; report: {paths['html']} (also results.json, results.csv, "
           "results.md, plots/)")

@@ -191,3 +191,17 @@ def test_a_model_that_does_not_load_leaves_no_run_directory(tmp_path):
     with pytest.raises(prunekit.PrunekitError):
         run_compare(tmp_path / "cmp", settings_for(tmp_path / "no-model"), ["magnitude"], [0.2], progress=False)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_cli_writes_the_report_with_the_command(tiny_dir, tmp_path, capsys):
+    from prunekit.cli import main
+
+    argv = ["compare", "--model", str(tiny_dir), "--methods", "magnitude", "--ratios", "0.2", "--out",
+            str(tmp_path / "cmp"), "--calib-tokens", "256", "--seqlen", "64", "--eval-tokens", "128",
+            "--eval-seqlen", "64", "--tasks", "none", "--shapes", "1x16", "--decode-tokens", "3", "--repeats", "1",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "| magnitude | 20% |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert report["command"] == "prunekit " + " ".join(argv) and report["settings"]["tasks"] == []
+    assert "zero_shot" not in report["cells"][1]
