@@ -278,6 +278,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens, speed_repeats=args.repeats, options=_method_options(args.option))
     if tasks:
         load_tasks(tasks)  # an unknown task or unreachable data fails before any cell runs
+    _quiet_loading(args)
     computed = run_compare(args.out, settings, methods, ratios, not args.no_progress, args.retry_failed)
     paths = write_report(args.out, "prunekit " + " ".join(shlex.quote(a) for a in args.argv))
     print(markdown_table(*table_rows(*read_cells(args.out))))
@@ -312,12 +313,21 @@ def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True):
     """The model named by ``--model`` (or ``name``) with the shared loading options, and its tokenizer."""
     import prunekit
 
+    _quiet_loading(args)
     model, tokenizer = prunekit.load_model(name or args.model, args.dtype, args.device, args.trust_remote_code,
                                            verify=not args.no_verify)
     if need_tokenizer and tokenizer is None:
         raise PrunekitError(f"{name or args.model} has no tokenizer files, which this command needs; save the model "
                             "with its tokenizer")
     return model, tokenizer
+
+
+def _quiet_loading(args: argparse.Namespace) -> None:
+    """With --no-progress, transformers' "Loading weights" bar goes too."""
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _check_token_counts(args: argparse.Namespace, info) -> None:

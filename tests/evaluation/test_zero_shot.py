@@ -73,8 +73,10 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_eval_cli_runs_the_local_suite_and_writes_json(tiny_model_dir, tmp_path):
     out = tmp_path / "zs.json"
-    done = _cli("eval", "--model", str(tiny_model_dir), "--tasks", "local", "--task-limit", "4", "--json", str(out))
+    done = _cli("eval", "--model", str(tiny_model_dir), "--tasks", "local", "--task-limit", "4", "--json", str(out),
+                "--no-progress")
     assert done.returncode == 0, done.stderr
+    assert "it/s" not in done.stderr  # no progress bar: neither lm-eval's nor transformers' loading bar
     assert "prunekit_continuation" in done.stdout and "acc_norm" in done.stdout
     report = json.loads(out.read_text())
     assert set(report["zero_shot"]["tasks"]) == set(LOCAL_TASKS) and "perplexity" not in report

@@ -8,12 +8,13 @@ or whose data cannot be reached, is a one-line error before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,14 @@ def zero_shot(
         for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             setattr(lm, request_type, functools.partial(getattr(type(lm), request_type), lm, disable_tqdm=True))
     try:
-        output = evaluator.simple_evaluate(
-            # bootstrap_iters > 0 turns on lm-eval's analytic standard error of a mean (acc, acc_norm); no task of
-            # ours has a bootstrapped metric, so no bootstrap (and no worker pool) runs.
-            model=lm, tasks=list(task_dict.values()), task_manager=manager, limit=limit, bootstrap_iters=1000,
-            log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        with _lm_eval_bars(progress):
+            output = evaluator.simple_evaluate(
+                # bootstrap_iters > 0 turns on lm-eval's analytic standard error of a mean (acc, acc_norm); no task of
+                # ours has a bootstrapped metric, so no bootstrap (and no worker pool) runs.
+                model=lm, tasks=list(task_dict.values()), task_manager=manager, limit=limit, bootstrap_iters=1000,
+                log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     finally:
         model.train(was_training)
     return ZeroShotResult(_metrics(output["results"], names, output.get("n-samples", {})), limit,
@@ -142,6 +144,23 @@ def _metrics(results: dict, names: Sequence[str], samples: dict) -> dict[str, di
         row["items"] = samples.get(name, {}).get("effective")
         table[name] = row
     return table
+
+
+@contextlib.contextmanager
+def _lm_eval_bars(progress: bool) -> Iterator[None]:
+    """Without progress, also silence the bar lm-eval draws unconditionally while it builds each task's requests
+    (``lm_eval.api.task`` calls ``tqdm`` directly; where a later lm-eval moves it, nothing changes here)."""
+    import lm_eval.api.task as task_module
+
+    original = getattr(task_module, "tqdm", None)
+    if progress or original is None:
+        yield
+        return
+    task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
 
 
 def _number(value: Any) -> float | None:
