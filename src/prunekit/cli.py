@@ -123,8 +123,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from prunekit.report.speed import speed_table
 
     shapes = parse_shapes(args.shapes)
-    if args.decode_tokens < 0 or args.decode_tokens == 1:
-        raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {args.decode_tokens}")
+    _check_decode_tokens(args.decode_tokens)
     if args.json is not None:
         check_output_file(args.json)
     results = []
@@ -267,8 +266,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = sorted(available_methods()) if args.methods == "all" else _names(args.methods)
     ratios = [_ratio_value(text) for text in _names(args.ratios)]
     tasks = [] if args.tasks == "none" else parse_tasks(args.tasks)
-    if args.decode_tokens < 0 or args.decode_tokens == 1:
-        raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {args.decode_tokens}")
+    _check_decode_tokens(args.decode_tokens)
     settings = CompareSettings(
         model=str(args.model), dtype=args.dtype, device=args.device, calib=args.calib,
         calib_tokens=args.calib_tokens, seqlen=args.seqlen, calib_windows=args.calib_windows, bos=args.bos,
@@ -320,6 +318,11 @@ def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True):
         raise PrunekitError(f"{name or args.model} has no tokenizer files, which this command needs; save the model "
                             "with its tokenizer")
     return model, tokenizer
+
+
+def _check_decode_tokens(count: int) -> None:
+    if count < 0 or count == 1:
+        raise PrunekitError(f"--decode-tokens must be 0 (skip) or at least 2, got {count}")
 
 
 def _quiet_loading(args: argparse.Namespace) -> None:

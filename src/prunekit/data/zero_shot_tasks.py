@@ -129,9 +129,9 @@ def lastword_items(pool: list[Passage], rng: random.Random, count: int) -> Itera
 def build_items(seed: int = 0, items_per_corpus: int = ITEMS_PER_CORPUS) -> dict[str, list[dict]]:
     """Every task's items, by task name (deterministic in ``seed`` and the corpora)."""
     tasks: dict[str, list[list[dict]]] = {name: [] for name in TASK_FILES}
+    makers = {"prunekit_continuation": continuation_items, "prunekit_lastword": lastword_items}
     for corpus in CORPORA:
         pool = passages(corpus)
-        makers = {"prunekit_continuation": continuation_items, "prunekit_lastword": lastword_items}
         for task, make in makers.items():
             rng = random.Random(f"{seed}:{task}:{corpus}")  # string seeds are hashed stably across runs
             items = list(make(pool, rng, items_per_corpus))

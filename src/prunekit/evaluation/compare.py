@@ -200,13 +200,12 @@ def measure(model: nn.Module, inputs: Inputs, settings: CompareSettings, progres
 
 def speedups(cell: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
     """Pruned / dense throughput (prefill per shape, decode); > 1 is faster."""
-    def ratio(a, b):
-        return a / b if a and b else None
+    from prunekit.evaluation.speed import ratio_or_none
 
     pruned, base = cell["speed"], dense["speed"]
-    return {"prefill": {shape: ratio(value, base["prefill_tokens_per_second"].get(shape))
+    return {"prefill": {shape: ratio_or_none(value, base["prefill_tokens_per_second"].get(shape))
                         for shape, value in pruned["prefill_tokens_per_second"].items()},
-            "decode": ratio(pruned["decode_tokens_per_second"], base["decode_tokens_per_second"])}
+            "decode": ratio_or_none(pruned["decode_tokens_per_second"], base["decode_tokens_per_second"])}
 
 
 def run_cell(method: str, ratio: float, inputs: Inputs, settings: CompareSettings, out: Path,

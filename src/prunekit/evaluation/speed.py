@@ -338,7 +338,7 @@ def benchmark_speed(
     )
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+def ratio_or_none(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
@@ -348,18 +348,18 @@ def compare_speed(candidate: SpeedResult, baseline: SpeedResult) -> dict:
     """``candidate / baseline`` for every shared measurement (e.g. pruned / dense); medians for throughput."""
     base_prefill = {r.shape: r for r in baseline.prefill}
     ratios: dict = {
-        "parameters": _ratio(candidate.parameters, baseline.parameters),
-        "weight_bytes": _ratio(candidate.weight_bytes, baseline.weight_bytes),
-        "kv_bytes_per_token": _ratio(candidate.kv_bytes_per_token, baseline.kv_bytes_per_token),
-        "peak_memory_bytes": _ratio(candidate.peak_memory_bytes, baseline.peak_memory_bytes),
+        "parameters": ratio_or_none(candidate.parameters, baseline.parameters),
+        "weight_bytes": ratio_or_none(candidate.weight_bytes, baseline.weight_bytes),
+        "kv_bytes_per_token": ratio_or_none(candidate.kv_bytes_per_token, baseline.kv_bytes_per_token),
+        "peak_memory_bytes": ratio_or_none(candidate.peak_memory_bytes, baseline.peak_memory_bytes),
         "prefill_tokens_per_second": {
-            r.shape: _ratio(r.tokens_per_second.median, base_prefill[r.shape].tokens_per_second.median)
+            r.shape: ratio_or_none(r.tokens_per_second.median, base_prefill[r.shape].tokens_per_second.median)
             for r in candidate.prefill if r.shape in base_prefill
         },
         "decode_tokens_per_second": None,
     }
     if candidate.decode and baseline.decode:
-        ratios["decode_tokens_per_second"] = _ratio(
+        ratios["decode_tokens_per_second"] = ratio_or_none(
             candidate.decode.tokens_per_second.median, baseline.decode.tokens_per_second.median
         )
     return ratios

@@ -18,6 +18,7 @@ from typing import Any
 from prunekit._atomic import write_bytes_atomic, write_json_atomic
 from prunekit.evaluation.compare import DENSE, read_cells
 from prunekit.evaluation.machine import machine_info
+from prunekit.report.tables import accuracy_cell
 
 PLOTS = ("perplexity", "accuracy", "speedup")
 CHANCE = {"prunekit_continuation": 0.25}
@@ -47,7 +48,7 @@ def table_rows(settings: dict[str, Any], cells: list[dict[str, Any]]) -> tuple[l
             cell["method"], _ratio(cell), f"{params['ratio_all']:.1%}", f"{params['ratio_layers']:.1%}",
             f"{params['pruned_parameters']:,}",
             *[_ppl(cell["perplexity"].get(c)) for c in corpora],
-            *[_accuracy(zero.get(t), _task_metric(cells, t)) for t in tasks],
+            *[accuracy_cell(zero.get(t), _task_metric(cells, t), 3, "±") for t in tasks],
             _number(cell.get("prune_seconds"), "{:.1f}") + (" (shared search)" if cell.get("search_shared") else ""),
             _number(_mib(cell.get("prune_peak_memory_bytes")), "{:.0f}"),
             *[_number((speedup.get("prefill") or {}).get(s), "{:.2f}") if cell["method"] != DENSE else "1.00"
@@ -347,13 +348,6 @@ def _finite(value):
 def _ppl(value) -> str:
     value = _finite(value)
     return "-" if value is None else (f"{value:.2f}" if value < 1e4 else f"{value:.3g}")
-
-
-def _accuracy(row, metric: str) -> str:
-    if not row or row.get(metric) is None:
-        return "-"
-    error = row.get(f"{metric}_stderr")
-    return f"{row[metric]:.3f}" + (f" ± {error:.3f}" if error is not None else "")
 
 
 def _number(value, pattern: str) -> str:

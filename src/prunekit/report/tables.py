@@ -41,13 +41,13 @@ def before_after_table(metrics: dict, method: str) -> str:
     return format_table(["model", "parameters", "ratio_all", "ratio_layers", label, "prune seconds"], rows)
 
 
-def accuracy_cell(row: dict, metric: str) -> str:
+def accuracy_cell(row: dict | None, metric: str, digits: int = 4, plus_minus: str = "+-") -> str:
     """``0.7250 +- 0.0224`` (or ``-`` when the task has no such metric)."""
-    value = row.get(metric)
+    value = (row or {}).get(metric)
     if value is None:
         return "-"
     error = row.get(f"{metric}_stderr")
-    return f"{value:.4f}" + (f" +- {error:.4f}" if error is not None else "")
+    return f"{value:.{digits}f}" + (f" {plus_minus} {error:.{digits}f}" if error is not None else "")
 
 
 def zero_shot_table(tasks: dict[str, dict]) -> tuple[list[str], list[list[object]]]:
