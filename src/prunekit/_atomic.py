@@ -98,16 +98,23 @@ def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None,
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path``: the old file stays intact until the new one is complete."""
+    with atomic_file(path) as staging:
+        staging.write_bytes(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that replaces it when the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+        yield Path(staging)
         os.chmod(staging, 0o644)
         os.replace(staging, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)
         raise
-    return path

@@ -245,12 +245,33 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.gguf is not None:
+        return _export_gguf(args)
     from prunekit.io.export import export_uniform
 
+    if args.out is None:
+        raise PrunekitError("export --uniform needs --out DIR")
     check_output_directory(args.out, args.overwrite)
     model, tokenizer = _load(args)
     export_uniform(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"exported {args.out}: loads with AutoModelForCausalLM.from_pretrained, no prunekit needed")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from prunekit.io.gguf_export import check_exportable, export_gguf
+    from prunekit.report.export import gguf_summary
+
+    if args.out is not None:
+        raise PrunekitError("--out is for --uniform; --gguf takes the output file itself")
+    if args.gguf.exists() and not args.overwrite:
+        raise PrunekitError(f"--gguf {args.gguf} already exists; choose another path or pass --overwrite")
+    check_output_file(args.gguf, flag="--gguf")
+    model, tokenizer = _load(args)
+    check_exportable(model.config)
+    summary = export_gguf(model, tokenizer, args.gguf, args.gguf_type, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    print(gguf_summary(summary))
     return 0
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from prunekit.errors import PrunekitError
 
+# The GGUF tensor types export offers (prunekit.io.gguf_export.TENSOR_TYPES; kept here so parsing stays light).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 NO_PROGRESS_HELP = "hide progress bars (the per-step and per-layer summary lines still print)"
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -175,15 +177,22 @@ def _add_prune_parsers(commands) -> None:
     save.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     export = commands.add_parser(
-        "export", help="export a pruned checkpoint as a plain transformers checkpoint",
-        description="Write a pruned model whose surviving layers all have the same shape as a stock Hugging Face "
-        "checkpoint that transformers loads without prunekit.",
+        "export", help="export a model for serving: a plain transformers checkpoint, or GGUF for llama.cpp",
+        description="--uniform: write a pruned model whose surviving layers all have the same shape as a stock "
+        "Hugging Face checkpoint that transformers loads without prunekit. --gguf: write a Llama-family model "
+        "(dense or pruned, any per-layer head / KV-head / FFN counts, removed attention or MLP blocks) with its "
+        "tokenizer and chat template as one GGUF file that llama.cpp runs.",
     )
     _add_model_options(export)
-    export.add_argument("--uniform", action="store_true", required=True,
-                        help="export with one global head/channel count (the only export kind so far)")
-    export.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
-    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    kind = export.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--uniform", action="store_true", help="a stock transformers checkpoint (needs --out)")
+    kind.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="a GGUF file for llama.cpp")
+    export.add_argument("--out", type=Path, help="directory to write with --uniform (must not exist)")
+    export.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES,
+                        help="tensor type of the GGUF matrices (norms stay f32; quantized types fall back to f16 for "
+                        "matrices whose rows do not fit the type's block); default f16")
+    export.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    export.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_compare_parser(commands) -> None:

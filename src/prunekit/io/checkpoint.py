@@ -132,14 +132,14 @@ def load_pruned(
     return model, tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def _tokenizer(directory: Path) -> Any:
     """The checkpoint's tokenizer, or None when it was saved without one (``save_pruned(model, None, ...)``)."""
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        return None
     from transformers import AutoTokenizer
+
+    from prunekit.models.loading import has_tokenizer_files
+
+    if not has_tokenizer_files(directory):
+        return None
 
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -111,10 +111,19 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype, trust_remote_code: b
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        tokenizer = None  # a directory without tokenizer files is a model without one; commands that need it say so
+        if has_tokenizer_files(directory):
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as error:  # no or damaged weights, no tokenizer files
         raise PrunekitError(f"cannot load the model in {directory}: {_first_line(error)}") from None
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _first_line(error: BaseException) -> str:
