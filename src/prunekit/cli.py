@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
                     "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export,
-                    "compare": _cmd_compare}
+                    "compare": _cmd_compare, "recover": _cmd_recover}
         with console_summaries():
             return handlers[args.command](args)
     except PrunekitError as error:
@@ -372,6 +372,41 @@ def _cap_seqlen(model, seqlen: int) -> int:
         print(f"prunekit: --seqlen {seqlen} capped at the model's context of {limit}", file=sys.stderr)
         return int(limit)
     return seqlen
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from prunekit.io.checkpoint import read_manifest
+    from prunekit.recovery import build_recipe
+    from prunekit.recovery.run import (
+        RecoveryRequest,
+        check_request,
+        describe_plan,
+        recover_checkpoint,
+        training_examples,
+    )
+    from prunekit.report.recovery import recovery_table
+
+    targets = tuple(name.strip() for name in args.target_modules.split(",")) if args.target_modules else None
+    recipe = build_recipe(args.recipe, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
+                          learning_rate=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                          batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+                          seqlen=args.seqlen)
+    request = RecoveryRequest(Path(args.model), args.out, recipe, args.data, args.instructions, args.train_tokens,
+                              args.train_on_inputs, args.max_steps, args.save_every,
+                              None if args.no_eval else args.eval, args.eval_tokens, args.eval_seqlen, args.seed,
+                              args.overwrite, not args.no_progress)
+    check_request(request)
+    if args.json is not None:
+        check_output_file(args.json)
+    model, tokenizer = _load(args)
+    examples = training_examples(request, tokenizer)
+    print(describe_plan(request, len(examples)))
+    record = recover_checkpoint(request, model, tokenizer, read_manifest(args.model), examples)
+    print(recovery_table(record))
+    print(f"saved: {args.out}")
+    if args.json is not None:
+        _write_json(args.json, {"model": str(args.model), "out": str(args.out), "recovery": record})
+    return 0
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     _add_prune_parsers(commands)
     _add_compare_parser(commands)
+    _add_recover_parser(commands)
     return parser
 
 
@@ -237,3 +238,51 @@ def _add_compare_parser(commands) -> None:
                          help="set a method hyperparameter for its cells, e.g. pgprune.steps=100 (repeatable)")
     compare.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
     compare.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+
+
+def _add_recover_parser(commands) -> None:
+    recover = commands.add_parser(
+        "recover", help="LoRA recovery fine-tuning of a pruned checkpoint (peft), merged and saved",
+        description="Fine-tune LoRA adapters (peft) on a pruned checkpoint with LLM-Pruner's or SlimGPT's recipe, "
+        "on a local corpus (--data, its calibration split) or an instruction file (--instructions, JSONL), merge "
+        "them into the weights and save a prunekit checkpoint that reloads exactly. Held-out perplexity (--eval, "
+        "evaluation split) is measured before and after. The state is saved every --save-every steps in "
+        "OUT.recover-state/; rerunning the same command resumes from it, and it is deleted once OUT is saved.",
+    )
+    _add_model_options(recover)
+    recover.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    recover.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    data = recover.add_mutually_exclusive_group()
+    data.add_argument("--data", default="mix", metavar="NAME_OR_PATH",
+                      help="training corpus: its calibration split, or a whole .txt file (default: mix)")
+    data.add_argument("--instructions", type=Path, metavar="FILE.jsonl",
+                      help="instruction records (instruction/input/output, prompt/response or chat messages)")
+    recover.add_argument("--train-tokens", type=_positive_int, default=262144,
+                         help="with --data: tokens of training windows, cut into --seqlen windows (default: 262144)")
+    recover.add_argument("--train-on-inputs", action="store_true",
+                         help="with --instructions: also train on the prompt tokens, not only the answers")
+    recover.add_argument("--recipe", default="llm-pruner", choices=("llm-pruner", "slimgpt"),
+                         help="defaults for the options below (see 'Recovery' in the README; default llm-pruner)")
+    recover.add_argument("--rank", type=_positive_int, help="LoRA rank (recipe: 8)")
+    recover.add_argument("--alpha", type=float, help="LoRA alpha (recipe: 16)")
+    recover.add_argument("--dropout", type=float, help="LoRA dropout (recipe: 0.05)")
+    recover.add_argument("--target-modules", help="comma-separated linears to adapt (recipe: all seven)")
+    recover.add_argument("--lr", type=float, help="AdamW learning rate (recipe: 1e-4)")
+    recover.add_argument("--schedule", help="linear | cosine | constant (llm-pruner: linear, slimgpt: cosine)")
+    recover.add_argument("--warmup-steps", type=int, help="warm-up steps (llm-pruner: 100, slimgpt: 0)")
+    recover.add_argument("--batch-size", type=_positive_int, help="examples per optimizer step (recipe: 64)")
+    recover.add_argument("--micro-batch-size", type=_positive_int, help="examples per forward pass (recipe: 4)")
+    recover.add_argument("--epochs", type=_positive_int, help="passes over the data (llm-pruner: 2, slimgpt: 1)")
+    recover.add_argument("--seqlen", type=_positive_int, help="tokens per example (recipe: 256)")
+    recover.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    recover.add_argument("--save-every", type=int, default=10, help="save the resumable state every N steps "
+                         "(0: never; default: 10)")
+    recover.add_argument("--eval", default="mix", metavar="NAME_OR_PATH",
+                         help="held-out perplexity corpus, evaluation split (default: mix)")
+    recover.add_argument("--eval-tokens", type=_positive_int, default=16384,
+                         help="tokens of held-out perplexity (default: 16384)")
+    recover.add_argument("--eval-seqlen", type=_positive_int, default=512, help="evaluation window (default: 512)")
+    recover.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    recover.add_argument("--seed", type=_seed, default=0, help="seed of data order, LoRA init, dropout (default: 0)")
+    recover.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
+    recover.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)

@@ -16,7 +16,7 @@ from prunekit.cli import main
 from prunekit.cli_parser import GGUF_TYPES
 from prunekit.errors import PrunekitError
 from prunekit.io.gguf_export import TENSOR_TYPES, export_gguf, llama3_frequency_factors, rotary_to_interleaved
-from tests.conftest import make_tiny_model, model_directory
+from tests.conftest import make_tiny_model, model_directory, requires_smollm2
 from tests.structure.common import mixed_plan
 
 
@@ -42,31 +42,30 @@ def test_every_kind_of_removal_reads_back_with_its_per_layer_counts(tmp_path, ti
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     fields, tensors = _fields(reader), _tensors(reader)
     surviving = [plan.layers[index] for index in plan.surviving_layers()]
-    heads = [len(layer.kept_heads) for layer in surviving]
-    kv_heads = [len(layer.kept_kv_heads) for layer in surviving]
-    channels = [len(layer.kept_channels) if layer.has_mlp else 1 for layer in surviving]  # 1: the zero stand-in
+    # Stand-ins that add exactly zero: layer 0 (attention removed) gets one head, layer 1 (MLP removed) one channel.
+    heads = [len(layer.kept_heads) or 1 for layer in surviving]
+    kv_heads = [len(layer.kept_kv_heads) or 1 for layer in surviving]
+    channels = [len(layer.kept_channels) if layer.has_mlp else 1 for layer in surviving]
     assert fields["general.architecture"] == "deci" and summary.architecture == "deci"
     assert fields["deci.block_count"] == 4
-    assert fields["deci.attention.head_count"] == heads == [0, 2, 2, 4]
+    assert fields["deci.attention.head_count"] == heads == [1, 2, 2, 4]
+    assert [layer.heads for layer in summary.layers] == [0, 2, 2, 4]  # what the model really has
     assert fields["deci.attention.head_count_kv"] == kv_heads
     assert fields["deci.feed_forward_length"] == channels
     assert fields["deci.attention.key_length"] == 16 and fields["deci.rope.dimension_count"] == 16
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.tokens"][:3] == ["<pad>", "<s>", "</s>"]
     assert len(fields["tokenizer.ggml.tokens"]) == 320 and fields["tokenizer.ggml.bos_token_id"] == 1
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert len(fields["tokenizer.ggml.merges"]) > 0
     # GGUF shapes are ggml's (columns first): attn_q of a layer is {hidden, heads * head_dim}.
-    for index, layer in enumerate(surviving):
-        has_attention = f"blk.{index}.attn_q.weight" in tensors
-        assert has_attention == layer.has_attention
-        if has_attention:
-            assert list(tensors[f"blk.{index}.attn_q.weight"].shape) == [64, heads[index] * 16]
-            assert list(tensors[f"blk.{index}.attn_k.weight"].shape) == [64, kv_heads[index] * 16]
-            assert list(tensors[f"blk.{index}.attn_output.weight"].shape) == [heads[index] * 16, 64]
+    for index in range(len(surviving)):
+        assert list(tensors[f"blk.{index}.attn_q.weight"].shape) == [64, heads[index] * 16]
+        assert list(tensors[f"blk.{index}.attn_k.weight"].shape) == [64, kv_heads[index] * 16]
+        assert list(tensors[f"blk.{index}.attn_output.weight"].shape) == [heads[index] * 16, 64]
         assert list(tensors[f"blk.{index}.ffn_down.weight"].shape) == [channels[index], 64]
-    # The MLP-less layer's stand-in adds exactly zero.
-    assert not np.any(tensors["blk.1.ffn_down.weight"].data)
+    assert not np.any(tensors["blk.1.ffn_down.weight"].data) and not np.any(tensors["blk.0.attn_output.weight"].data)
+    assert summary.stand_in_attention
     torch.testing.assert_close(torch.from_numpy(np.array(tensors["token_embd.weight"].data)),
                                model.model.embed_tokens.weight, rtol=0, atol=0)
     down = model.model.layers[3].mlp.down_proj.weight
@@ -163,6 +162,7 @@ def test_cli_exports_a_pruned_checkpoint(capsys, tmp_path, tiny_tokenizer):
     code, out, _ = _cli(capsys, "export", "--model", tmp_path / "ckpt", "--gguf", tmp_path / "m.gguf",
                         "--gguf-type", "f32", "--no-progress")
     assert code == 0 and "architecture 'deci'" in out and "query heads per layer: 0 2 2 4" in out
+    assert "zero one-head attention" in out and "zero one-channel MLP" in out
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["deci.block_count"].contents() == 4
     code, _, lines = _cli(capsys, "export", "--model", tmp_path / "ckpt", "--gguf", tmp_path / "m.gguf")
     assert code == 2 and len(lines) == 1 and "already exists" in lines[0] and "--overwrite" in lines[0]
@@ -217,3 +217,17 @@ def test_uniform_and_gguf_are_exclusive_and_out_belongs_to_uniform(capsys, tmp_p
     code, _, lines = _cli(capsys, "export", "--model", tiny_model_dir, "--gguf", tmp_path / "a.gguf", "--uniform")
     assert code == 2 and "not allowed with argument --gguf" in lines[0]
     assert not (tmp_path / "a.gguf").exists()
+
+
+@requires_smollm2
+def test_smollm2_exports_with_its_tokenizer_and_chat_template(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    summary = export_gguf(model, tokenizer, tmp_path / "smol.gguf", "q8_0")
+    fields = _fields(gguf.GGUFReader(tmp_path / "smol.gguf"))
+    assert summary.architecture == "llama" and summary.pre_tokenizer == "gpt-2" and not summary.fallback_tensors
+    assert fields["llama.block_count"] == 30 and fields["llama.attention.head_count_kv"] == 3
+    assert len(fields["tokenizer.ggml.tokens"]) == 49152 and len(fields["tokenizer.ggml.merges"]) == 48900
+    assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert "output.weight" not in _tensors(gguf.GGUFReader(tmp_path / "smol.gguf"))  # tied: token_embd serves

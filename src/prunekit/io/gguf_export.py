@@ -6,11 +6,15 @@ llama.cpp added for NVIDIA's pruned Nemotron models: its head count, KV-head cou
 arrays, a layer with 0 heads has no attention and a layer with FFN length 0 has no MLP. Whole removed layers are
 simply absent.
 
-Departure, forced by llama.cpp: its ``deci`` graph skips the rest of a layer whose FFN length is 0 without adding
-that layer's attention output to the residual stream (right for Nemotron's layers that drop both, wrong for a
-layer that keeps its attention). A layer that keeps attention but lost its MLP is therefore written with a
-one-channel MLP whose down projection is zero: it adds exactly 0.0 to the stream, and costs 2 x hidden + 1 weights
-plus a norm.
+Two departures, forced by llama.cpp (the version llama-cpp-python 0.3.36 vendors), each exact:
+
+- its ``deci`` graph skips the rest of a layer whose FFN length is 0 without adding that layer's attention output
+  to the residual stream (right for Nemotron's layers that drop both, wrong for a layer that keeps its attention).
+  A layer that keeps attention but lost its MLP is written with a one-channel MLP whose down projection is zero:
+  it adds exactly 0.0 to the stream and costs 3 x hidden weights plus a norm.
+- it reads the head size only when layer 0 has attention heads. When layer 0's attention was removed, layer 0 is
+  written with a one-head attention whose output projection is zero (adds exactly 0.0; costs 4 x head_dim x hidden
+  weights, a norm and one head's KV cache in that layer).
 
 Weights: q / k projections are permuted per head from Hugging Face's rotate-half RoPE layout to the interleaved
 pairs llama.cpp's ``llama`` / ``deci`` RoPE expects; norms and biases stay f32; matrices are written in the asked
@@ -65,7 +69,24 @@ class GGUFSummary:
     pre_tokenizer: str
     fallback_tensors: list[str] = field(default_factory=list)
     stand_in_mlps: list[int] = field(default_factory=list)
+    stand_in_attention: bool = False
     bytes_written: int = 0
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """Zero-contribution blocks llama.cpp needs (see the module note): MLPs for these layers, attention in layer 0."""
+
+    mlps: list[int]
+    attention_in_layer_0: bool
+
+    def written(self, layers: list[LayerCounts]) -> list[LayerCounts]:
+        """The counts as written into the file."""
+        counts = [LayerCounts(layer.heads, layer.kv_heads, 1 if index in self.mlps else layer.channels)
+                  for index, layer in enumerate(layers)]
+        if self.attention_in_layer_0:
+            counts[0] = LayerCounts(1, 1, counts[0].channels)
+        return counts
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type: str = "f16",
@@ -77,16 +98,16 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
     check_exportable(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layers = layer_counts(model, head_dim)
-    if not any(layer.heads for layer in layers):
-        raise PrunekitError("no layer keeps attention; llama.cpp needs at least one attention layer for its cache")
     architecture = "llama" if len(set(layers)) == 1 and layers[0].heads and layers[0].channels else "deci"
-    stand_ins = [index for index, layer in enumerate(layers) if layer.heads and not layer.channels]
+    stand_ins = StandIns([index for index, layer in enumerate(layers) if layer.heads and not layer.channels],
+                         layers[0].heads == 0)
     path = Path(path)
     if path.exists() and not overwrite:
         raise PrunekitError(f"--gguf {path} already exists; choose another path or pass --overwrite")
     if path.is_dir():
         raise PrunekitError(f"--gguf {path} is a directory; give a file path ending in .gguf")
-    summary = GGUFSummary(path, architecture, tensor_type, layers, "", stand_in_mlps=stand_ins)
+    summary = GGUFSummary(path, architecture, tensor_type, layers, "", stand_in_mlps=stand_ins.mlps,
+                          stand_in_attention=stand_ins.attention_in_layer_0)
     with atomic_file(path) as staging:
         writer = gguf.GGUFWriter(staging, architecture)
         summary.pre_tokenizer = add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -129,9 +150,10 @@ def layer_counts(model: nn.Module, head_dim: int) -> list[LayerCounts]:
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, model: nn.Module, layers: list[LayerCounts], head_dim: int,
-                         architecture: str, stand_ins: list[int], tensor_type: str) -> None:
+                         architecture: str, stand_ins: StandIns, tensor_type: str) -> None:
     config = model.config
-    channels = [1 if index in stand_ins else layer.channels for index, layer in enumerate(layers)]
+    layers = stand_ins.written(layers)
+    channels = [layer.channels for layer in layers]
     writer.add_name(getattr(config, "_name_or_path", None) or "prunekit-export")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -184,7 +206,7 @@ def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return halves.transpose(1, 2).reshape(rows, *columns)
 
 
-def _tensors(model: nn.Module, layers: list[LayerCounts], head_dim: int, architecture: str, stand_ins: list[int]):
+def _tensors(model: nn.Module, layers: list[LayerCounts], head_dim: int, architecture: str, stand_ins: StandIns):
     """(GGUF name, float32 array) for every tensor, tied embeddings once."""
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.DECI if architecture == "deci" else gguf.MODEL_ARCH.LLAMA,
                                len(layers))
@@ -201,8 +223,10 @@ def _tensors(model: nn.Module, layers: list[LayerCounts], head_dim: int, archite
             layer = layers[int(hf_name.split(".")[2])]
             weight = rotary_to_interleaved(weight, layer.heads if "q_proj" in hf_name else layer.kv_heads)
         yield name, weight.numpy()
-    for index in stand_ins:
+    for index in stand_ins.mlps:
         yield from _stand_in_mlp(names, index, model.config.hidden_size)
+    if stand_ins.attention_in_layer_0:
+        yield from _stand_in_attention(names, model.config.hidden_size, head_dim)
     if _rope(model.config)["kind"] == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_frequency_factors(
             model.config, head_dim)
@@ -215,6 +239,16 @@ def _stand_in_mlp(names: gguf.TensorNameMap, index: int, hidden: int):
     yield names.get_name(prefix + "mlp.gate_proj.weight", (".weight",)), np.zeros((1, hidden), np.float32)
     yield names.get_name(prefix + "mlp.up_proj.weight", (".weight",)), np.zeros((1, hidden), np.float32)
     yield names.get_name(prefix + "mlp.down_proj.weight", (".weight",)), np.zeros((hidden, 1), np.float32)
+
+
+def _stand_in_attention(names: gguf.TensorNameMap, hidden: int, head_dim: int):
+    """A one-head attention that adds exactly zero: its output projection is zero."""
+    prefix = "model.layers.0."
+    yield names.get_name(prefix + "input_layernorm.weight", (".weight",)), np.ones(hidden, np.float32)
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        yield names.get_name(f"{prefix}self_attn.{projection}.weight", (".weight",)), np.zeros((head_dim, hidden),
+                                                                                               np.float32)
+    yield names.get_name(prefix + "self_attn.o_proj.weight", (".weight",)), np.zeros((hidden, head_dim), np.float32)
 
 
 def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, tensor_type: str,

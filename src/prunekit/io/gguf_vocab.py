@@ -69,7 +69,7 @@ def pre_tokenizer_name(definition: dict[str, Any]) -> str:
     steps = _pre_steps(definition.get("pre_tokenizer"))
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # single digits first, then the GPT-2 split
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -77,7 +77,7 @@ def pre_tokenizer_name(definition: dict[str, Any]) -> str:
         if pattern == LLAMA3_PATTERN:
             return "llama-bpe"
     raise PrunekitError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) matches none "
-                        "that prunekit maps to llama.cpp (gpt2, smollm, llama-bpe); export --gguf refuses to guess")
+                        "that prunekit maps to llama.cpp (gpt-2, smollm, llama-bpe); export --gguf refuses to guess")
 
 
 def _pre_steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:

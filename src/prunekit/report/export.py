@@ -18,6 +18,9 @@ def gguf_summary(summary: Any) -> str:
     if summary.stand_in_mlps:
         lines.append(f"  layers {', '.join(map(str, summary.stand_in_mlps))} keep attention without an MLP: written "
                      "with a zero one-channel MLP (llama.cpp's FFN-free layers drop their attention output)")
+    if summary.stand_in_attention:
+        lines.append("  layer 0 has no attention: written with a zero one-head attention (llama.cpp reads the head "
+                     "size from layer 0)")
     if summary.fallback_tensors:
         lines.append(f"  {len(summary.fallback_tensors)} matrices written as f16: their rows do not fit the "
                      f"{summary.tensor_type} block (e.g. {summary.fallback_tensors[0]})")
