@@ -5,7 +5,9 @@
 2. Prunes: SlimGPT 20% with ``prunekit prune`` (the compare run's settings: 2,048 calibration tokens of ``mix`` in
    256-token windows, seed 0); BlockPruner 20% is the plan of the committed compare run
    (``results/compare_smollm2/cells/blockpruner@0.2.json``: its removed blocks, applied to the dense model).
-3. Exports each with ``prunekit export --gguf`` as f32, f16 and q8_0, and compares llama.cpp with transformers on the
+3. Checks first, in f32, random 5-layer models with every kind of removal (Llama, Llama 3 RoPE scaling, Mistral,
+   Qwen2 with q/k/v biases) and a control without the zero MLP stand-in (see ``prunekit.io.gguf_export``).
+4. Exports each with ``prunekit export --gguf`` as f32, f16 and q8_0, and compares llama.cpp with transformers on the
    same token ids (4 windows of 256 tokens from the ``mix`` evaluation split; for the f32 file with an f32 KV cache,
    llama.cpp's default f16 cache otherwise): the largest difference of any
    log-probability over the whole vocabulary, the mean difference of the next token's log-probability, top-1
@@ -183,6 +185,68 @@ def llama_speed(llama_cpp, path: Path, stream: list[int], prompt_tokens: int = 5
             "decode_tokens_per_second": statistics.median(decode)}
 
 
+def tiny_model(family: str, seed: int, **overrides):
+    """A 5-layer random model of ``family`` (hidden 64, 4 heads / 2 KV heads of 16, FFN 96) over SmolLM2's vocab."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                    tie_word_embeddings=False, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))  # norms and biases away from their constants
+    return model.eval()
+
+
+def every_removal(model):
+    """Layer 0 without attention, layer 1 with half its KV groups and no MLP, layer 2 removed, layer 3 with one
+    query head per group and 50 channels, layer 4 with 56 channels."""
+    plan = PruningPlan.keep_all(prunekit.adapter_for(model), method="manual")
+    plan.remove_attention(0)
+    plan.keep_channels(0, range(0, 96, 2))
+    plan.keep_kv_groups(1, [1])
+    plan.remove_mlp(1)
+    plan.remove_layer(2)
+    plan.keep_heads(3, [1, 3])
+    plan.keep_channels(3, [5, *range(30, 79)])
+    plan.keep_channels(4, range(40, 96))
+    return prunekit.apply_plan(model, plan)
+
+
+def tiny_checks(llama_cpp, tokenizer, windows: torch.Tensor) -> list[dict]:
+    """f32 agreement on random models with every kind of removal, per family and RoPE variant, and the control that
+    shows why the zero MLP stand-in is needed."""
+    import prunekit.io.gguf_export as gguf_export
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cases = [("llama dense", "llama", {}, False), ("llama, every removal", "llama", {}, True),
+             ("llama 3 RoPE scaling, every removal", "llama", {"rope_parameters": llama3}, True),
+             ("mistral, every removal", "mistral", {}, True),
+             ("qwen2 (q/k/v biases), every removal", "qwen2", {}, True)]
+    rows, short = [], windows[:2, :128]
+    for index, (name, family, overrides, pruned) in enumerate(cases):
+        model = tiny_model(family, index, **overrides)
+        model = every_removal(model) if pruned else model
+        path = export(model, tokenizer, f"tiny-{index}", "f32")
+        rows.append({"case": name, **agreement(reference_log_probs(model, short),
+                                               llama_log_probs(llama_cpp, path, short, "f32"), short)})
+    original = gguf_export.StandIns
+    gguf_export.StandIns = lambda mlps, attention: original([], attention)  # the control: FFN length 0 as is
+    try:
+        model = every_removal(tiny_model("llama", 1))
+        path = export(model, tokenizer, "tiny-control", "f32")
+        rows.append({"case": "control: MLP-less layer written with FFN length 0 (no stand-in)",
+                     **agreement(reference_log_probs(model, short), llama_log_probs(llama_cpp, path, short, "f32"),
+                                 short)})
+    finally:
+        gguf_export.StandIns = original
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp_smollm2")
@@ -195,6 +259,9 @@ def main() -> None:
     block, _ = blockpruner_model()
     windows = evaluation_windows(tokenizer, "mix", seqlen=256, max_tokens=1024).input_ids
     stream = evaluation_windows(tokenizer, "kjv", seqlen=576, max_tokens=576).input_ids[0].tolist()
+    tiny = tiny_checks(llama_cpp, tokenizer, windows)
+    for row in tiny:
+        print(json.dumps(row), flush=True)
     rows = []
     for name, model in (("dense", dense), ("slimgpt-20", slim), ("blockpruner-20", block)):
         reference = reference_log_probs(model, windows)
@@ -212,7 +279,8 @@ def main() -> None:
             print(json.dumps({key: value for key, value in row.items() if key != "generation"}), flush=True)
     payload = {"benchmark": "llamacpp_smollm2", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__, "threads": THREADS,
-               "windows": list(windows.shape), "seconds": round(time.time() - started, 1), "rows": rows}
+               "windows": list(windows.shape), "seconds": round(time.time() - started, 1), "tiny_models": tiny,
+               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(payload))
@@ -235,6 +303,11 @@ def markdown(payload: dict) -> str:
                      f"{row['max_abs_logprob_diff']:.2e} | {row['mean_abs_next_token_logprob_diff']:.2e} | "
                      f"{row['top1_agreement']:.4f} | {row['ppl_transformers']:.2f} | {row['ppl_llama_cpp']:.2f} | "
                      f"{row['prompt_tokens_per_second']:.0f} | {row['decode_tokens_per_second']:.1f} |")
+    lines.append("\nRandom 5-layer models (hidden 64, SmolLM2's vocabulary), f32 file and KV cache, 2 x 128 tokens:\n")
+    lines.append("| case | max abs d log-p | top-1 agree |")
+    lines.append("|---|---:|---:|")
+    for row in payload["tiny_models"]:
+        lines.append(f"| {row['case']} | {row['max_abs_logprob_diff']:.2e} | {row['top1_agreement']:.4f} |")
     lines.append("\nGreedy generation (f32, 32 new tokens):\n")
     for row in payload["rows"]:
         if "generation" in row:

@@ -172,14 +172,14 @@ def test_cli_exports_a_pruned_checkpoint(capsys, tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("case, pattern", [
-    ("qwen2", "export --gguf writes the Llama family only .* not qwen2"),
+    ("qwen3", "export --gguf writes Llama-family models .* not qwen3: .* without its per-head q/k RMSNorms"),
     ("gemma3_text", "not gemma3_text"),
     ("no-tokenizer", "has no tokenizer files"),
     ("sentencepiece", "SentencePiece-style"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_tokenizer, case, pattern):
     directory = tmp_path / "model"
-    if case in ("qwen2", "gemma3_text"):
+    if case in ("qwen3", "gemma3_text"):
         model_directory(make_tiny_model(case), tiny_tokenizer, directory)
     elif case == "no-tokenizer":
         make_tiny_model("llama").save_pretrained(directory)
@@ -231,3 +231,38 @@ def test_smollm2_exports_with_its_tokenizer_and_chat_template(tmp_path, smollm2)
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
     assert "output.weight" not in _tensors(gguf.GGUFReader(tmp_path / "smol.gguf"))  # tied: token_embd serves
+
+
+def test_mistral_exports_and_says_its_sliding_window_is_not_written(tmp_path, tiny_tokenizer):
+    model = make_tiny_model("mistral", 4, 2, layers=2, sliding_window=128)
+    summary = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32")
+    assert summary.architecture == "llama" and "128-token sliding window" in summary.notes[0]
+
+
+def test_qwen2_biases_are_written_and_reordered_like_their_rows(tmp_path, tiny_tokenizer):
+    """llama.cpp's llama / deci graphs add q/k/v biases when present, so Qwen2 exports (checked against llama.cpp
+    itself in benchmarks/llamacpp_smollm2.py)."""
+    model = make_tiny_model("qwen2", 4, 2, layers=5)
+    prunekit.apply_plan(model, mixed_plan(prunekit.adapter_for(model)))
+    export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf", "f32")
+    tensors = _tensors(gguf.GGUFReader(tmp_path / "q.gguf"))
+    attention = model.model.layers[3].self_attn
+    written = torch.from_numpy(np.array(tensors["blk.3.attn_q.bias"].data))
+    torch.testing.assert_close(written, rotary_to_interleaved(attention.q_proj.bias, 4), rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.3.attn_v.bias"].data)), attention.v_proj.bias,
+                               rtol=0, atol=0)
+
+
+def test_pre_tokenizers_are_named_from_their_definition():
+    from prunekit.io.gguf_vocab import LLAMA3_PATTERN, QWEN2_PATTERN, pre_tokenizer_name
+
+    def split(pattern):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}}, {"type": "ByteLevel", "use_regex": False}]}}
+
+    assert pre_tokenizer_name(split(LLAMA3_PATTERN)) == "llama-bpe"
+    assert pre_tokenizer_name({**split(QWEN2_PATTERN), "normalizer": {"type": "NFC"}}) == "qwen2"
+    with pytest.raises(PrunekitError, match="matches none"):
+        pre_tokenizer_name(split(LLAMA3_PATTERN.replace("{1,3}", "{1,2}")))
+    with pytest.raises(PrunekitError, match="Lowercase normalizer"):
+        pre_tokenizer_name({**split(LLAMA3_PATTERN), "normalizer": {"type": "Lowercase"}})

@@ -1,4 +1,4 @@
-"""Export a Llama-family model, dense or pruned by prunekit, as one GGUF file that llama.cpp runs.
+"""Export a Llama-family model (Llama, Mistral, Qwen2), dense or pruned by prunekit, as one GGUF file for llama.cpp.
 
 Architecture: a model whose layers all keep both blocks with one shape is written as llama.cpp's ``llama``; any
 other (per-layer head / KV-head / FFN counts, removed attention or MLP blocks) as ``deci``, the architecture
@@ -16,10 +16,11 @@ Two departures, forced by llama.cpp (the version llama-cpp-python 0.3.36 vendors
   written with a one-head attention whose output projection is zero (adds exactly 0.0; costs 4 x head_dim x hidden
   weights, a norm and one head's KV cache in that layer).
 
-Weights: q / k projections are permuted per head from Hugging Face's rotate-half RoPE layout to the interleaved
-pairs llama.cpp's ``llama`` / ``deci`` RoPE expects; norms and biases stay f32; matrices are written in the asked
-type. Quantized types (Q8_0, Q4_0, ... as the ``gguf`` package writes them) need each row's length to be a multiple
-of the type's block; a pruned FFN rarely is, so such matrices fall back to f16 and the summary counts them.
+Weights: q / k projections (and Qwen2's q / k biases) are permuted per head from Hugging Face's rotate-half RoPE
+layout to the interleaved pairs llama.cpp's ``llama`` / ``deci`` RoPE expects; norms and biases stay f32; matrices
+are written in the asked type. Quantized types (Q8_0, Q4_0, ... as the ``gguf`` package writes them) need each
+row's length to be a multiple of the type's block; a pruned FFN rarely is, so such matrices fall back to f16 and the
+summary counts them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from prunekit.errors import PrunekitError
 from prunekit.io.gguf_vocab import add_tokenizer
 from prunekit.structure.blocks import RemovedAttention, RemovedMLP
 
-LLAMA_FAMILY = ("llama", "mistral")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # Qwen2 is a Llama graph plus q/k/v biases, which llama.cpp applies
+# Why the other supported families do not map onto llama.cpp's llama / deci graphs.
+NOT_LLAMA = {"qwen3": "its per-head q/k RMSNorms", "gemma3_text": "its q/k norms, four norms per layer, scaled "
+             "embeddings and alternating sliding-window layers"}
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
 TENSOR_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -71,6 +75,7 @@ class GGUFSummary:
     stand_in_mlps: list[int] = field(default_factory=list)
     stand_in_attention: bool = False
     bytes_written: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
                           stand_in_attention=stand_ins.attention_in_layer_0)
     with atomic_file(path) as staging:
         writer = gguf.GGUFWriter(staging, architecture)
-        summary.pre_tokenizer = add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+        summary.pre_tokenizer, note = add_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+        summary.notes.extend([note] if note else [])
         _add_hyperparameters(writer, model, layers, head_dim, architecture, stand_ins, tensor_type)
         for name, array in _tensors(model, layers, head_dim, architecture, stand_ins):
             _add_tensor(writer, name, array, tensor_type, summary)
@@ -119,6 +125,12 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
         writer.write_tensors_to_file(progress=progress)
         writer.close()
     summary.bytes_written = path.stat().st_size
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or config.model_type == "mistral"
+    if sliding and window and window < config.max_position_embeddings:
+        # What llama.cpp's own converter does for Mistral too: its llama graph has no sliding window.
+        summary.notes.append(f"llama.cpp attends to the whole context; this model's {window}-token sliding window "
+                             "is not written, so outputs differ on inputs longer than the window")
     return summary
 
 
@@ -126,11 +138,9 @@ def check_exportable(config: Any) -> None:
     """One-line refusal for a family, or a RoPE variant, that prunekit does not map onto llama.cpp."""
     family = getattr(config, "model_type", None)
     if family not in LLAMA_FAMILY:
-        raise PrunekitError(f"export --gguf writes the Llama family only ({', '.join(LLAMA_FAMILY)}), not {family}: "
-                            "llama.cpp's per-layer architecture (deci) is a Llama graph without q/k/v biases, "
-                            "q/k norms or per-layer attention types")
-    if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):
-        raise PrunekitError("the model has q/k/v or gate/up biases, which prunekit's GGUF export does not write")
+        why = (f": llama.cpp's per-layer architecture (deci) is a Llama graph, without {NOT_LLAMA[family]}"
+               if family in NOT_LLAMA else "")
+        raise PrunekitError(f"export --gguf writes Llama-family models ({', '.join(LLAMA_FAMILY)}), not {family}{why}")
     _rope(config)  # refuses a RoPE scaling llama.cpp is not told about
 
 
@@ -219,7 +229,7 @@ def _tensors(model: nn.Module, layers: list[LayerCounts], head_dim: int, archite
         if name is None:
             raise PrunekitError(f"tensor {hf_name} has no GGUF name in llama.cpp's {architecture} architecture")
         weight = tensor.detach().float().cpu()
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             layer = layers[int(hf_name.split(".")[2])]
             weight = rotary_to_interleaved(weight, layer.heads if "q_proj" in hf_name else layer.kv_heads)
         yield name, weight.numpy()

@@ -1,6 +1,6 @@
 """The tokenizer part of a GGUF file: vocabulary, token types, merges, special tokens and chat template.
 
-prunekit writes byte-level BPE tokenizers (llama.cpp's ``gpt2`` tokenizer model: SmolLM2, Llama 3). llama.cpp
+prunekit writes byte-level BPE tokenizers (llama.cpp's ``gpt2`` tokenizer model: SmolLM2, Llama 3, Qwen2). llama.cpp
 picks its pre-tokenizer (how text is split before BPE) by name, so the name is derived from the tokenizer's own
 ``pre_tokenizer`` definition, and a definition that matches none of the names prunekit knows is refused rather than
 guessed: a wrong pre-tokenizer silently tokenizes numbers or whitespace differently. SentencePiece-style tokenizers
@@ -20,16 +20,23 @@ import gguf
 
 from prunekit.errors import PrunekitError
 
-# Llama 3's split pattern; its tokenizer.json holds it in a Split pre-tokenizer before a regex-free ByteLevel.
+# Split patterns of Llama 3 and Qwen2 (single digits), held in a Split pre-tokenizer before a regex-free ByteLevel,
+# by llama.cpp's name for them.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+SPLIT_NAMES = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_rows: int) -> str:
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_rows: int) -> tuple[str, str | None]:
     """Write ``tokenizer`` into ``writer`` for a model with ``vocab_rows`` embedding rows; returns the pre-tokenizer
-    name llama.cpp will use."""
+    name llama.cpp will use and a note on what llama.cpp does differently (or None)."""
     definition = _definition(tokenizer)
     pre = pre_tokenizer_name(definition)
+    note = None
+    if (definition.get("normalizer") or {}).get("type") == "NFC":
+        note = ("llama.cpp does not apply the tokenizer's NFC normalizer (as its own converter): text that is not "
+                "already NFC may tokenize differently")
     tokens, types = token_table(tokenizer, vocab_rows)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -41,7 +48,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_rows: int) -> s
     if not special.merges:
         raise PrunekitError("the tokenizer has no BPE merges; export --gguf writes byte-level BPE tokenizers only")
     special.add_to_gguf(writer, quiet=True)
-    return pre
+    return pre, note
 
 
 def _definition(tokenizer: Any) -> dict[str, Any]:
@@ -63,9 +70,10 @@ def _definition(tokenizer: Any) -> dict[str, Any]:
 
 def pre_tokenizer_name(definition: dict[str, Any]) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer, or a one-line error when none matches exactly."""
-    if definition.get("normalizer"):
-        raise PrunekitError("the tokenizer has a normalizer, which llama.cpp's byte-level BPE tokenizers lack; "
-                            "export --gguf cannot reproduce it")
+    normalizer = definition.get("normalizer")
+    if normalizer and normalizer.get("type") != "NFC":
+        raise PrunekitError(f"the tokenizer has a {normalizer.get('type')} normalizer, which llama.cpp's byte-level "
+                            "BPE tokenizers lack; export --gguf cannot reproduce it")
     steps = _pre_steps(definition.get("pre_tokenizer"))
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -74,10 +82,11 @@ def pre_tokenizer_name(definition: dict[str, Any]) -> str:
         return "smollm"  # single digits first, then the GPT-2 split
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
-        if pattern == LLAMA3_PATTERN:
-            return "llama-bpe"
+        if pattern in SPLIT_NAMES:
+            return SPLIT_NAMES[pattern]
     raise PrunekitError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) matches none "
-                        "that prunekit maps to llama.cpp (gpt-2, smollm, llama-bpe); export --gguf refuses to guess")
+                        "that prunekit maps to llama.cpp (gpt-2, smollm, llama-bpe, qwen2); export --gguf refuses "
+                        "to guess")
 
 
 def _pre_steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -24,4 +24,5 @@ def gguf_summary(summary: Any) -> str:
     if summary.fallback_tensors:
         lines.append(f"  {len(summary.fallback_tensors)} matrices written as f16: their rows do not fit the "
                      f"{summary.tensor_type} block (e.g. {summary.fallback_tensors[0]})")
+    lines.extend(f"  note: {note}" for note in summary.notes)
     return "\n".join(lines)
