@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _shared import compare_run_model, write_results
 
 import prunekit
 from prunekit.data.windows import evaluation_windows
@@ -88,22 +89,6 @@ def slimgpt_checkpoint() -> Path:
                         "slimgpt", "--ratio", "0.2", "--calib", "mix", "--calib-tokens", "2048", "--seqlen", "256",
                         "--no-eval", "--no-progress", "--out", str(out)], check=True)
     return out
-
-
-def blockpruner_model():
-    """The committed compare run's BlockPruner 20% plan (block removals only) applied to the dense model."""
-    cell = json.loads((RESULTS / "compare_smollm2" / "cells" / "blockpruner@0.2.json").read_text())
-    model, tokenizer = prunekit.load_model("smollm2-135m")
-    plan = PruningPlan.keep_all(prunekit.adapter_for(model), method="blockpruner", settings=cell["settings"],
-                                seed=cell["seed"])
-    for layer in cell["layers"]:
-        if not layer["attention"]:
-            plan.remove_attention(layer["layer"])
-        if not layer["mlp"]:
-            plan.remove_mlp(layer["layer"])
-    for index in cell["removed_layers"]:
-        plan.remove_layer(index)
-    return prunekit.apply_plan(model, plan), tokenizer
 
 
 def export(model, tokenizer, name: str, kind: str) -> Path:
@@ -186,12 +171,13 @@ def llama_speed(llama_cpp, path: Path, stream: list[int], prompt_tokens: int = 5
 
 
 def tiny_model(family: str, seed: int, **overrides):
-    """A 5-layer random model of ``family`` (hidden 64, 4 heads / 2 KV heads of 16, FFN 96) over SmolLM2's vocab."""
+    """A 5-layer random model of ``family`` (hidden 64, 4 heads / 2 KV heads of 16, FFN 96) over SmolLM2's vocab;
+    weights drawn wider than usual (std 0.25) so its next-token distributions are far from uniform."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                    tie_word_embeddings=False, **overrides)
+                    tie_word_embeddings=False, initializer_range=0.25, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
     with torch.no_grad():
@@ -256,7 +242,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense, tokenizer = prunekit.load_model("smollm2-135m")
     slim, _ = prunekit.load_pruned(slimgpt_checkpoint())
-    block, _ = blockpruner_model()
+    block, _ = compare_run_model("blockpruner", 0.2)
     windows = evaluation_windows(tokenizer, "mix", seqlen=256, max_tokens=1024).input_ids
     stream = evaluation_windows(tokenizer, "kjv", seqlen=576, max_tokens=576).input_ids[0].tolist()
     tiny = tiny_checks(llama_cpp, tokenizer, windows)
@@ -281,10 +267,7 @@ def main() -> None:
                "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__, "threads": THREADS,
                "windows": list(windows.shape), "seconds": round(time.time() - started, 1), "tiny_models": tiny,
                "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results(args.out, payload, markdown(payload))
 
 
 def markdown(payload: dict) -> str:

@@ -13,7 +13,7 @@ recover`` with LLM-Pruner's recipe scaled to this machine.
 
 Writes ``benchmarks/results/recovery_smollm2.json`` and ``.md`` with the machine and date.
 
-    .venv/bin/python benchmarks/recovery_smollm2.py [--steps 40 --batch 16]
+    .venv/bin/python benchmarks/recovery_smollm2.py [--steps 20 --batch 16]
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _shared import compare_run_model, write_results
+
 import prunekit
 from prunekit.data.windows import evaluation_windows
 from prunekit.evaluation.machine import machine_info
-from prunekit.structure import PruningPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "recovery"
-CELLS = RESULTS / "compare_smollm2" / "cells"
 
 
 def cli(*argv: str) -> None:
@@ -50,18 +50,7 @@ def pruned_checkpoint(method: str, ratio: float) -> Path:
         cli("prune", "--model", "smollm2-135m", "--method", "slimgpt", "--ratio", str(ratio), "--calib", "mix",
             "--calib-tokens", "2048", "--seqlen", "256", "--no-eval", "--no-progress", "--out", str(out))
         return out
-    cell = json.loads((CELLS / f"{method}@{ratio}.json").read_text())
-    model, tokenizer = prunekit.load_model("smollm2-135m")
-    plan = PruningPlan.keep_all(prunekit.adapter_for(model), method=method, settings=cell["settings"],
-                                seed=cell["seed"])
-    for layer in cell["layers"]:
-        if not layer["attention"]:
-            plan.remove_attention(layer["layer"])
-        if not layer["mlp"]:
-            plan.remove_mlp(layer["layer"])
-    for index in cell["removed_layers"]:
-        plan.remove_layer(index)
-    prunekit.apply_plan(model, plan)
+    model, tokenizer = compare_run_model(method, ratio)
     prunekit.save_pruned(model, tokenizer, out, {"metrics": {"source": f"compare_smollm2/cells/{method}@{ratio}"}})
     return out
 
@@ -74,7 +63,7 @@ def jargon_perplexity(directory: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS / "recovery_smollm2")
     args = parser.parse_args()
@@ -104,10 +93,7 @@ def main() -> None:
     payload = {"benchmark": "recovery_smollm2", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": machine_info(), "steps": args.steps, "batch": args.batch, "warmup_steps": warmup,
                "seconds": round(time.time() - started, 1), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results(args.out, payload, markdown(payload))
 
 
 def markdown(payload: dict) -> str:
