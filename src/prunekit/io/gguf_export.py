@@ -106,11 +106,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
     architecture = "llama" if len(set(layers)) == 1 and layers[0].heads and layers[0].channels else "deci"
     stand_ins = StandIns([index for index, layer in enumerate(layers) if layer.heads and not layer.channels],
                          layers[0].heads == 0)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise PrunekitError(f"--gguf {path} already exists; choose another path or pass --overwrite")
-    if path.is_dir():
-        raise PrunekitError(f"--gguf {path} is a directory; give a file path ending in .gguf")
+    path = _check_target(Path(path), overwrite)
     summary = GGUFSummary(path, architecture, tensor_type, layers, "", stand_in_mlps=stand_ins.mlps,
                           stand_in_attention=stand_ins.attention_in_layer_0)
     with atomic_file(path) as staging:
@@ -125,13 +121,26 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
         writer.write_tensors_to_file(progress=progress)
         writer.close()
     summary.bytes_written = path.stat().st_size
+    summary.notes.extend(_sliding_window_note(config))
+    return summary
+
+
+def _check_target(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise PrunekitError(f"--gguf {path} already exists; choose another path or pass --overwrite")
+    if path.is_dir():
+        raise PrunekitError(f"--gguf {path} is a directory; give a file path ending in .gguf")
+    return path
+
+
+def _sliding_window_note(config: Any) -> list[str]:
+    """What llama.cpp's own converter does for Mistral too: its llama graph has no sliding window."""
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or config.model_type == "mistral"
-    if sliding and window and window < config.max_position_embeddings:
-        # What llama.cpp's own converter does for Mistral too: its llama graph has no sliding window.
-        summary.notes.append(f"llama.cpp attends to the whole context; this model's {window}-token sliding window "
-                             "is not written, so outputs differ on inputs longer than the window")
-    return summary
+    if not (sliding and window and window < config.max_position_embeddings):
+        return []
+    return [f"llama.cpp attends to the whole context; this model's {window}-token sliding window is not written, so "
+            "outputs differ on inputs longer than the window"]
 
 
 def check_exportable(config: Any) -> None:
