@@ -177,7 +177,8 @@ def tiny_model(family: str, seed: int, **overrides):
 
     settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                    tie_word_embeddings=False, initializer_range=0.25, **overrides)
+                    tie_word_embeddings=False, initializer_range=0.25)
+    settings.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
     with torch.no_grad():

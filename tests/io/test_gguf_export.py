@@ -5,6 +5,7 @@ is one line with exit status 2 and nothing written."""
 from __future__ import annotations
 
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -175,7 +176,7 @@ def test_cli_exports_a_pruned_checkpoint(capsys, tmp_path, tiny_tokenizer):
     ("qwen3", "export --gguf writes Llama-family models .* not qwen3: .* without its per-head q/k RMSNorms"),
     ("gemma3_text", "not gemma3_text"),
     ("no-tokenizer", "has no tokenizer files"),
-    ("sentencepiece", "SentencePiece-style"),
+    ("wordpiece", "tokenizer type WordPiece is not supported by export --gguf"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_tokenizer, case, pattern):
     directory = tmp_path / "model"
@@ -184,21 +185,56 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_tokeniz
     elif case == "no-tokenizer":
         make_tiny_model("llama").save_pretrained(directory)
     else:
-        model_directory(make_tiny_model("llama"), _sentencepiece_style(), directory)
+        model_directory(make_tiny_model("llama"), _wordpiece(), directory)
     code, out, lines = _cli(capsys, "export", "--model", directory, "--gguf", tmp_path / "out.gguf", "--no-progress")
     assert code == 2 and len(lines) == 1 and lines[0].startswith("prunekit: error: "), lines
     assert __import__("re").search(pattern, lines[0]), lines[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
 
-def _sentencepiece_style():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _wordpiece():
+    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{byte:02X}>": 3 + byte for byte in range(256)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    backend = Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def sentencepiece_style(vocab_size: int = 400, texts: list[str] | None = None):
+    """A byte-fallback BPE with a Metaspace pre-tokenizer, the layout of Llama 2 / Mistral tokenizer.json files
+    (also used by benchmarks/llamacpp_tokenizers.py)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prunekit.data.corpora import load_corpus
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{value:02X}>" for value in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(texts or load_corpus("sample", "all").records[:40], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizers_get_scores_in_merge_order(tmp_path):
+    tokenizer = sentencepiece_style()
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    summary = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields = _fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert summary.pre_tokenizer == "sentencepiece" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is True and "tokenizer.ggml.merges" not in fields
+    tokens, scores, types = (fields[f"tokenizer.ggml.{key}"] for key in ("tokens", "scores", "token_type"))
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[0] == gguf.TokenType.UNKNOWN
+    assert types[tokens.index("<s>")] == gguf.TokenType.CONTROL
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    produced = ["".join(merge) if isinstance(merge, list) else merge.replace(" ", "") for merge in merges]
+    first = {}
+    for rank, token in enumerate(produced):
+        first.setdefault(token, rank)
+    for token, rank in list(first.items())[:50]:
+        assert scores[tokens.index(token)] == -rank  # llama.cpp merges the highest score first = BPE's lowest rank
+    assert scores[tokens.index("<s>")] < min(scores[tokens.index(token)] for token in first)
 
 
 def test_unknown_pre_tokenizer_is_refused():

@@ -1,18 +1,27 @@
-"""The tokenizer part of a GGUF file: vocabulary, token types, merges, special tokens and chat template.
+"""The tokenizer part of a GGUF file: vocabulary, token types, merges or scores, special tokens and chat template.
 
-prunekit writes byte-level BPE tokenizers (llama.cpp's ``gpt2`` tokenizer model: SmolLM2, Llama 3, Qwen2). llama.cpp
-picks its pre-tokenizer (how text is split before BPE) by name, so the name is derived from the tokenizer's own
-``pre_tokenizer`` definition, and a definition that matches none of the names prunekit knows is refused rather than
-guessed: a wrong pre-tokenizer silently tokenizes numbers or whitespace differently. SentencePiece-style tokenizers
-(Llama 2, Mistral: ``byte_fallback`` BPE with a Metaspace pre-tokenizer) are not written yet.
+Two kinds of tokenizer are written, both from the tokenizer's own ``tokenizer.json`` definition:
 
-Special token ids, whether BOS / EOS are added, the merges and the chat template are read by the ``gguf`` package's
-own ``SpecialVocab`` from the tokenizer files saved to a temporary folder, so they follow llama.cpp's converter.
+- byte-level BPE (llama.cpp's ``gpt2`` tokenizer model: SmolLM2, Llama 3, Qwen2). llama.cpp picks its pre-tokenizer
+  (how text is split before BPE) by name, so the name is derived from the tokenizer's ``pre_tokenizer``; a
+  definition that matches none of the names prunekit knows is refused rather than guessed, since a wrong
+  pre-tokenizer silently tokenizes numbers or whitespace differently.
+- SentencePiece-style BPE with byte fallback (llama.cpp's ``llama`` tokenizer model: Llama 2, Mistral 7B). llama.cpp
+  merges the adjacent pair whose merged token has the highest *score*, where BPE merges the pair of lowest *rank*;
+  each token's score is therefore minus the rank of the first merge that produces it (tokens no merge produces get
+  the lowest score). The ``gguf`` package's own reader of such tokenizer.json files gives every token the same
+  placeholder score, which would merge in the wrong order. Whether a space is prepended comes from the Metaspace
+  pre-tokenizer or a Prepend normalizer.
+
+Special token ids, whether BOS / EOS are added, the merges (byte-level BPE) and the chat template are read by the
+``gguf`` package's ``SpecialVocab`` from the tokenizer files saved to a temporary folder, as llama.cpp's converter
+does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from typing import Any
 
@@ -30,8 +39,12 @@ SPLIT_NAMES = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_rows: int) -> tuple[str, str | None]:
     """Write ``tokenizer`` into ``writer`` for a model with ``vocab_rows`` embedding rows; returns the pre-tokenizer
-    name llama.cpp will use and a note on what llama.cpp does differently (or None)."""
+    name llama.cpp will use (``sentencepiece`` for the second kind) and a note on what llama.cpp does differently
+    (or None)."""
     definition = _definition(tokenizer)
+    if definition["model"].get("byte_fallback"):
+        _add_sentencepiece_bpe(writer, tokenizer, definition, vocab_rows)
+        return "sentencepiece", None
     pre = pre_tokenizer_name(definition)
     note = None
     if (definition.get("normalizer") or {}).get("type") == "NFC":
@@ -61,10 +74,9 @@ def _definition(tokenizer: Any) -> dict[str, Any]:
                             "export --gguf needs one")
     definition = json.loads(backend.to_str())
     model = definition.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style (byte_fallback BPE)" if model.get("byte_fallback") else model.get("type")
-        raise PrunekitError(f"tokenizer type {kind} is not supported by export --gguf; it writes byte-level BPE "
-                            "tokenizers (SmolLM2, Llama 3) only")
+    if model.get("type") != "BPE":
+        raise PrunekitError(f"tokenizer type {model.get('type')} is not supported by export --gguf; it writes BPE "
+                            "tokenizers (byte-level: SmolLM2, Llama 3, Qwen2; byte-fallback: Llama 2, Mistral)")
     return definition
 
 
@@ -115,3 +127,45 @@ def token_table(tokenizer: Any, vocab_rows: int) -> tuple[list[str], list[int]]:
             types.append(gguf.TokenType.NORMAL if special is None
                          else gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
     return tokens, [int(kind) for kind in types]
+
+
+def _add_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer: Any, definition: dict[str, Any],
+                           vocab_rows: int) -> None:
+    """llama.cpp's ``llama`` tokenizer model: tokens, scores from merge ranks, types with byte tokens."""
+    tokens, types = token_table(tokenizer, vocab_rows)
+    for index, token in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[index] = int(gguf.TokenType.BYTE)
+    if tokenizer.unk_token_id is not None:
+        types[tokenizer.unk_token_id] = int(gguf.TokenType.UNKNOWN)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(merge_scores(definition["model"], tokens))
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_prepends_space(definition))
+    with tempfile.TemporaryDirectory(prefix="prunekit-gguf-vocab-") as folder:
+        tokenizer.save_pretrained(folder)
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def merge_scores(model: dict[str, Any], tokens: list[str]) -> list[float]:
+    """Minus the rank of the first merge producing each token; the lowest score for tokens no merge produces."""
+    merges = model.get("merges") or []
+    lowest = -float(len(merges) + 1)
+    scores = dict.fromkeys(tokens, lowest)
+    for rank, merge in reversed(list(enumerate(merges))):  # reversed: the first (lowest-rank) producer wins
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if left + right in scores:
+            scores[left + right] = -float(rank)
+    return [scores[token] for token in tokens]
+
+
+def _prepends_space(definition: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts a U+2581 before the text (Metaspace ``first`` / ``always``, or a Prepend)."""
+    steps = _pre_steps(definition.get("pre_tokenizer"))
+    normalizer = definition.get("normalizer") or {}
+    normalizers = normalizer.get("normalizers", [normalizer]) if normalizer else []
+    if any(step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" for step in steps):
+        return True
+    return any(step.get("type") == "Prepend" for step in normalizers)
