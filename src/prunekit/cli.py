@@ -67,7 +67,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import prunekit
     from prunekit.data.corpora import check_source
-    from prunekit.data.windows import evaluation_windows, resolve_bos
+    from prunekit.data.windows import check_one_window, evaluation_windows, resolve_bos
     from prunekit.evaluation.zero_shot import load_tasks, parse_tasks, zero_shot
     from prunekit.models.adapters import unique_parameter_count
     from prunekit.report import format_table
@@ -79,8 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks) if args.tasks else []
     if tasks:
         load_tasks(tasks)  # unknown names and unreachable data fail before the model loads
-    if args.max_tokens < args.seqlen:
-        raise PrunekitError(f"--max-tokens {args.max_tokens} is less than one window of --seqlen {args.seqlen}")
+    check_one_window(args.max_tokens, "--max-tokens", args.seqlen)
     if args.json is not None:
         check_output_file(args.json)
     model, tokenizer = _load(args)
@@ -259,16 +258,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
-    from prunekit.io.gguf_export import check_exportable, export_gguf
+    from prunekit.io.gguf_export import check_target, export_gguf
     from prunekit.report.export import gguf_summary
 
     if args.out is not None:
         raise PrunekitError("--out is for --uniform; --gguf takes the output file itself")
-    if args.gguf.exists() and not args.overwrite:
-        raise PrunekitError(f"--gguf {args.gguf} already exists; choose another path or pass --overwrite")
+    check_target(args.gguf, args.overwrite)  # before the model loads; export_gguf checks again as it writes
     check_output_file(args.gguf, flag="--gguf")
     model, tokenizer = _load(args)
-    check_exportable(model.config)
     summary = export_gguf(model, tokenizer, args.gguf, args.gguf_type, overwrite=args.overwrite,
                           progress=not args.no_progress)
     print(gguf_summary(summary))
@@ -356,10 +353,12 @@ def _quiet_loading(args: argparse.Namespace) -> None:
 
 def _check_token_counts(args: argparse.Namespace, info) -> None:
     """Calibration and evaluation sizes must each hold at least one window (checked before the model loads)."""
+    from prunekit.data.windows import check_one_window
+
     seqlen = args.seqlen or info.calibration_seqlen
     tokens = args.calib_tokens or info.calibration_tokens
-    if info.capabilities.needs_calibration and tokens < seqlen:
-        raise PrunekitError(f"--calib-tokens {tokens} is less than one window of --seqlen {seqlen}")
+    if info.capabilities.needs_calibration:
+        check_one_window(tokens, "--calib-tokens", seqlen)
     eval_seqlen = args.eval_seqlen or seqlen
     if not args.no_eval and args.eval_tokens < eval_seqlen:
         raise PrunekitError(f"--eval-tokens {args.eval_tokens} is less than one window of {eval_seqlen} tokens "

@@ -111,6 +111,12 @@ def _cut_windows(stream: torch.Tensor, seqlen: int, bos: str, bos_id: int | None
     return body, [index * step for index in range(count)]
 
 
+def check_one_window(tokens: int, tokens_flag: str, seqlen: int, seqlen_flag: str = "--seqlen") -> None:
+    """A token budget must hold at least one window; the one-line error names both options."""
+    if tokens < seqlen:
+        raise PrunekitError(f"{tokens_flag} {tokens} is less than one window of {seqlen_flag} {seqlen}")
+
+
 def _check_seqlen(seqlen: int) -> None:
     if seqlen < 2:
         raise PrunekitError(f"--seqlen must be at least 2 tokens, got {seqlen}")
@@ -161,9 +167,8 @@ def calibration_windows(
     _check_seqlen(seqlen)
     if sampling not in SAMPLING:
         raise PrunekitError(f"unknown window sampling '{sampling}'; use sequential or random")
+    check_one_window(num_tokens, "--calib-tokens", seqlen)
     count = num_tokens // seqlen
-    if count < 1:
-        raise PrunekitError(f"--calib-tokens {num_tokens} is less than one window of --seqlen {seqlen}")
     if source == "mix":
         return _mixed(lambda member, share: calibration_windows(
             tokenizer, member, share * seqlen, seqlen, sampling, seed, bos, split), count, split, seqlen)

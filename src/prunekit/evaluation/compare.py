@@ -95,6 +95,7 @@ def cell_order(methods: Sequence[str], ratios: Sequence[float]) -> list[tuple[st
 def check_request(settings: CompareSettings, methods: Sequence[str], ratios: Sequence[float]) -> None:
     """Every method, ratio and option checked before anything loads (one line each)."""
     from prunekit.data.corpora import check_source
+    from prunekit.data.windows import check_one_window
     from prunekit.methods import Target, method_info
 
     if not methods:
@@ -110,12 +111,8 @@ def check_request(settings: CompareSettings, methods: Sequence[str], ratios: Seq
         method_info(method).configure(settings.options.get(method, {}))
     for source in [settings.calib, *settings.eval_corpora]:
         check_source(source)
-    if settings.calib_tokens < settings.seqlen:
-        raise PrunekitError(f"--calib-tokens {settings.calib_tokens} is less than one window of --seqlen "
-                            f"{settings.seqlen}")
-    if settings.eval_tokens < settings.eval_seqlen:
-        raise PrunekitError(f"--eval-tokens {settings.eval_tokens} is less than one window of --eval-seqlen "
-                            f"{settings.eval_seqlen}")
+    check_one_window(settings.calib_tokens, "--calib-tokens", settings.seqlen)
+    check_one_window(settings.eval_tokens, "--eval-tokens", settings.eval_seqlen, "--eval-seqlen")
 
 
 def check_run(out: Path, settings: CompareSettings) -> bool:

@@ -106,7 +106,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
     architecture = "llama" if len(set(layers)) == 1 and layers[0].heads and layers[0].channels else "deci"
     stand_ins = StandIns([index for index, layer in enumerate(layers) if layer.heads and not layer.channels],
                          layers[0].heads == 0)
-    path = _check_target(Path(path), overwrite)
+    path = check_target(Path(path), overwrite)
     summary = GGUFSummary(path, architecture, tensor_type, layers, "", stand_in_mlps=stand_ins.mlps,
                           stand_in_attention=stand_ins.attention_in_layer_0)
     with atomic_file(path) as staging:
@@ -125,7 +125,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, tensor_type:
     return summary
 
 
-def _check_target(path: Path, overwrite: bool) -> Path:
+def check_target(path: Path, overwrite: bool) -> Path:
+    """Refuse an existing output without ``overwrite``, or a directory, in one line."""
     if path.exists() and not overwrite:
         raise PrunekitError(f"--gguf {path} already exists; choose another path or pass --overwrite")
     if path.is_dir():

@@ -55,13 +55,18 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_rows: int) -> t
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    with tempfile.TemporaryDirectory(prefix="prunekit-gguf-vocab-") as folder:
-        tokenizer.save_pretrained(folder)
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special = _special_vocab(tokenizer, len(tokens), load_merges=True)
     if not special.merges:
         raise PrunekitError("the tokenizer has no BPE merges; export --gguf writes byte-level BPE tokenizers only")
     special.add_to_gguf(writer, quiet=True)
     return pre, note
+
+
+def _special_vocab(tokenizer: Any, vocab_size: int, load_merges: bool) -> gguf.SpecialVocab:
+    """Special ids, add-BOS/EOS, chat template (and merges) as gguf's converter reads them from the saved files."""
+    with tempfile.TemporaryDirectory(prefix="prunekit-gguf-vocab-") as folder:
+        tokenizer.save_pretrained(folder)
+        return gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=vocab_size)
 
 
 def _definition(tokenizer: Any) -> dict[str, Any]:
@@ -143,10 +148,7 @@ def _add_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer: Any, definition: 
     writer.add_token_scores(merge_scores(definition["model"], tokens))
     writer.add_token_types(types)
     writer.add_add_space_prefix(_prepends_space(definition))
-    with tempfile.TemporaryDirectory(prefix="prunekit-gguf-vocab-") as folder:
-        tokenizer.save_pretrained(folder)
-        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
-    special.add_to_gguf(writer, quiet=True)
+    _special_vocab(tokenizer, len(tokens), load_merges=False).add_to_gguf(writer, quiet=True)
 
 
 def merge_scores(model: dict[str, Any], tokens: list[str]) -> list[float]:

@@ -42,13 +42,13 @@ class Examples:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def target_tokens(self) -> int:
-        return sum(int((labels != IGNORE).sum()) for labels in self.labels)
+    def targets(self, index: int) -> int:
+        """Tokens of example ``index`` that are predicted and scored (the first token is never predicted)."""
+        return int((self.labels[index][1:] != IGNORE).sum())
 
     @property
-    def tokens(self) -> int:
-        return sum(len(ids) for ids in self.input_ids)
+    def target_tokens(self) -> int:
+        return sum(self.targets(index) for index in range(len(self)))
 
 
 def corpus_examples(tokenizer: Any, source: str, train_tokens: int, seqlen: int, seed: int,

@@ -90,6 +90,7 @@ def check_request(request: RecoveryRequest) -> None:
     """Refuse what cannot work before the model loads."""
     from prunekit._atomic import check_output_directory
     from prunekit.data.corpora import check_source
+    from prunekit.data.windows import check_one_window
     from prunekit.models.loading import is_pruned_checkpoint
 
     if not is_pruned_checkpoint(request.source):
@@ -98,16 +99,12 @@ def check_request(request: RecoveryRequest) -> None:
     check_output_directory(request.out, request.overwrite)
     if request.instructions is None:
         check_source(request.data)
-        if request.train_tokens < request.recipe.seqlen:
-            raise PrunekitError(f"--train-tokens {request.train_tokens} is less than one example of --seqlen "
-                                f"{request.recipe.seqlen}")
+        check_one_window(request.train_tokens, "--train-tokens", request.recipe.seqlen)
     elif not request.instructions.is_file():
         raise PrunekitError(f"--instructions {request.instructions} does not exist")
     if request.eval_source is not None:
         check_source(request.eval_source)
-        if request.eval_tokens < request.eval_seqlen:
-            raise PrunekitError(f"--eval-tokens {request.eval_tokens} is less than one window of --eval-seqlen "
-                                f"{request.eval_seqlen}")
+        check_one_window(request.eval_tokens, "--eval-tokens", request.eval_seqlen, "--eval-seqlen")
     if request.save_every < 0:
         raise PrunekitError(f"--save-every must be 0 (never) or positive, got {request.save_every}")
 

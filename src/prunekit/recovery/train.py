@@ -75,16 +75,13 @@ def recover(model: nn.Module, examples: Examples, recipe: Recipe, *, pad_id: int
     saved = latest_step(state_dir) if state_dir is not None else None
     if saved is not None:
         start, history = load_state(saved, trainable, optimizer, scheduler, settings)
-    steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
     peft_model.train()
     started = time.perf_counter()
     with PeakMemory(next(model.parameters()).device) as memory:
         bar = tqdm(range(start, total), desc="recover", unit="step", disable=not progress, initial=start,
                    total=total)
         for step in bar:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-            chosen = order[position * recipe.batch_size: (position + 1) * recipe.batch_size].tolist()
+            chosen = step_examples(len(examples), recipe.batch_size, seed, step)
             loss = _optimizer_step(peft_model, examples, chosen, recipe, pad_id, trainable)
             optimizer.step()
             scheduler.step()
@@ -96,16 +93,24 @@ def recover(model: nn.Module, examples: Examples, recipe: Recipe, *, pad_id: int
     merged = peft_model.merge_and_unload()
     merged.eval()
     merged.prunekit_plan.weights_edited = True  # LoRA changed kept weights: the plan alone cannot rebuild them
-    trained = sum(len(examples.input_ids[i]) for i in _seen(len(examples), recipe, total, seed))
-    targets = sum(int((examples.labels[i][1:] != IGNORE).sum()) for i in _seen(len(examples), recipe, total, seed))
+    seen = [index for step in range(total) for index in step_examples(len(examples), recipe.batch_size, seed, step)]
+    trained = sum(len(examples.input_ids[index]) for index in seen)
+    targets = sum(examples.targets(index) for index in seen)
     return RecoveryResult(merged, total, len(examples), trained, targets, time.perf_counter() - started,
                           memory.bytes, memory.method, start, history)
+
+
+def step_examples(count: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples optimizer step ``step`` trains on: its slice of its epoch's seeded permutation."""
+    epoch, position = divmod(step, math.ceil(count / batch_size))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size: (position + 1) * batch_size].tolist()
 
 
 def _optimizer_step(model: nn.Module, examples: Examples, chosen: list[int], recipe: Recipe, pad_id: int,
                     trainable: dict[str, nn.Parameter]) -> float:
     """Forward / backward over the micro-batches of one step; returns the step's mean target-token loss."""
-    targets = sum(int((examples.labels[index][1:] != IGNORE).sum()) for index in chosen)
+    targets = sum(examples.targets(index) for index in chosen)
     if targets == 0:
         raise PrunekitError("a training step has no target tokens (every answer was cut off); raise --seqlen")
     device = next(model.parameters()).device
@@ -123,14 +128,3 @@ def _optimizer_step(model: nn.Module, examples: Examples, chosen: list[int], rec
         raise PrunekitError("the recovery loss is not finite; lower --lr")
     torch.nn.utils.clip_grad_norm_(list(trainable.values()), recipe.max_grad_norm)
     return total / targets
-
-
-def _seen(count: int, recipe: Recipe, total: int, seed: int) -> list[int]:
-    """Indices of the examples the ``total`` steps trained on (with repeats across epochs)."""
-    steps_per_epoch = math.ceil(count / recipe.batch_size)
-    seen = []
-    for epoch in range(math.ceil(total / steps_per_epoch)):
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
-        seen.extend(order[: steps * recipe.batch_size])
-    return seen
