@@ -84,6 +84,21 @@ def single_thread_for_tiny_models(request):
     torch.set_num_threads(threads)
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """The ``prunekit`` command run in this process: (exit status, stdout, stderr), earlier output discarded."""
+    from prunekit.cli import main
+
+    capsys.readouterr()
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    """The non-empty stderr lines that are not progress bars."""
+    return [line for line in err.splitlines() if line.strip() and "%|" not in line]
+
+
 def model_directory(model, tokenizer, directory):
     """``model`` and ``tokenizer`` saved as a local Hugging Face directory (what ``--model`` takes)."""
     model.save_pretrained(directory)

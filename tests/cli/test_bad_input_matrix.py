@@ -15,20 +15,13 @@ import prunekit
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.structure import PruningPlan
-from tests.conftest import make_tiny_model
+from tests.conftest import error_lines, make_tiny_model, run_cli
 
 PRUNE_FAST = ["--calib-tokens", "256", "--seqlen", "32", "--no-eval", "--no-progress"]
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("prunekit: error: ") and "Traceback" not in err, err
     return lines[0]
 
@@ -53,19 +46,19 @@ def test_overwrite_never_deletes_a_directory_prunekit_did_not_write(capsys, tmp_
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "thesis.txt").write_text("years of work")
-    code, _, err = _run(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude", "--ratio", "0.2",
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude", "--ratio", "0.2",
                         "--out", precious, "--overwrite", "--no-eval", "--no-progress")
     assert code == 2 and "was not written by prunekit" in _one_error_line(err)
     assert (precious / "thesis.txt").read_text() == "years of work"
     empty = tmp_path / "empty"
     empty.mkdir()
     args = ["prune", "--model", tiny_model_dir, "--method", "magnitude", "--no-eval", "--no-progress", "--overwrite"]
-    assert _run(capsys, *args, "--ratio", "0.2", "--out", empty)[0] == 0  # an empty directory may be replaced
-    assert _run(capsys, *args, "--ratio", "0.3", "--out", empty)[0] == 0  # and so may a prunekit checkpoint
+    assert run_cli(capsys, *args, "--ratio", "0.2", "--out", empty)[0] == 0  # an empty directory may be replaced
+    assert run_cli(capsys, *args, "--ratio", "0.3", "--out", empty)[0] == 0  # and so may a prunekit checkpoint
     assert json.loads((empty / "prunekit.json").read_text())["metrics"]["target"]["ratio"] == 0.3
     exported = tmp_path / "plain"
-    assert _run(capsys, "export", "--model", empty, "--uniform", "--out", exported)[0] == 0
-    assert _run(capsys, "export", "--model", empty, "--uniform", "--out", exported, "--overwrite")[0] == 0
+    assert run_cli(capsys, "export", "--model", empty, "--uniform", "--out", exported)[0] == 0
+    assert run_cli(capsys, "export", "--model", empty, "--uniform", "--out", exported, "--overwrite")[0] == 0
 
 
 def test_an_option_that_used_to_hang_is_refused_at_once(tiny_model_dir, tmp_path):
@@ -87,7 +80,7 @@ def test_a_damaged_model_directory_is_one_line(capsys, tiny_model_dir, damage, p
         (tiny_model_dir / "config.json").write_text("{ this is not json")
     else:
         (tiny_model_dir / "model.safetensors").unlink()
-    code, _, err = _run(capsys, "eval", "--model", tiny_model_dir, "--max-tokens", "64", "--seqlen", "32")
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--max-tokens", "64", "--seqlen", "32")
     assert code == 2 and pattern in _one_error_line(err)
 
 
@@ -101,7 +94,7 @@ def test_unwritable_outputs_are_refused_before_the_work(capsys, tmp_path, tiny_m
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     out = {"a file": blocker, "under a file": blocker / "ckpt", "/proc": "/proc/prunekit-out"}[where]
-    code, _, err = _run(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude", "--ratio", "0.2",
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude", "--ratio", "0.2",
                         "--out", out, "--no-eval")
     assert code == 2 and pattern in _one_error_line(err)
 
@@ -110,7 +103,7 @@ def test_unwritable_outputs_are_refused_before_the_work(capsys, tmp_path, tiny_m
 def test_an_unwritable_json_is_refused_before_the_work(capsys, tmp_path, tiny_model_dir, no_model_loading, command):
     extra = {"prune": ["--method", "magnitude", "--ratio", "0.2", "--out", tmp_path / "o", "--no-eval"],
              "eval": [], "bench": []}[command]
-    code, _, err = _run(capsys, command, "--model", tiny_model_dir, *extra, "--json", "/proc/prunekit.json")
+    code, _, err = run_cli(capsys, command, "--model", tiny_model_dir, *extra, "--json", "/proc/prunekit.json")
     assert code == 2 and "--json /proc/prunekit.json cannot be written" in _one_error_line(err)
 
 
@@ -124,7 +117,7 @@ def test_an_unwritable_json_is_refused_before_the_work(capsys, tmp_path, tiny_mo
 ])
 def test_inconsistent_token_counts_are_refused_before_the_work(capsys, tmp_path, no_model_loading, argv, pattern):
     out = ["--out", tmp_path / "o"] if argv[0] == "prune" else []
-    code, _, err = _run(capsys, *argv, *out)
+    code, _, err = run_cli(capsys, *argv, *out)
     assert code == 2 and pattern in _one_error_line(err)
 
 
@@ -141,7 +134,7 @@ def test_a_manifest_without_a_plan_is_one_line(capsys, tmp_path, tiny_tokenizer)
     manifest = json.loads((checkpoint / "prunekit.json").read_text())
     del manifest["plan"]
     (checkpoint / "prunekit.json").write_text(json.dumps(manifest))
-    code, _, err = _run(capsys, "eval", "--model", checkpoint, "--max-tokens", "64", "--seqlen", "32")
+    code, _, err = run_cli(capsys, "eval", "--model", checkpoint, "--max-tokens", "64", "--seqlen", "32")
     assert code == 2 and "holds no 'plan'" in _one_error_line(err)
 
 
@@ -151,7 +144,7 @@ def test_a_plan_that_removes_every_layer_is_refused(capsys, tmp_path, tiny_model
     for index in range(3):
         plan.remove_layer(index)
     (tmp_path / "plan.json").write_text(plan.to_json())
-    code, _, err = _run(capsys, "save", "--model", tiny_model_dir, "--plan", tmp_path / "plan.json", "--out",
+    code, _, err = run_cli(capsys, "save", "--model", tiny_model_dir, "--plan", tmp_path / "plan.json", "--out",
                         tmp_path / "empty-model")
     assert code == 2 and "removes every block of every layer" in _one_error_line(err)
     assert not (tmp_path / "empty-model").exists()

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.cli import main
 from prunekit.cli_parser import GGUF_TYPES
 from prunekit.errors import PrunekitError
 from prunekit.io.gguf_export import TENSOR_TYPES, export_gguf, llama3_frequency_factors, rotary_to_interleaved
-from tests.conftest import make_tiny_model, model_directory, requires_smollm2
+from tests.conftest import error_lines, make_tiny_model, model_directory, requires_smollm2, run_cli
 from tests.structure.common import mixed_plan
 
 
@@ -150,11 +149,8 @@ def test_parser_offers_exactly_the_writable_types():
 
 
 def _cli(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip() and "%|" not in line]
-    return code, captured.out, lines
+    code, out, err = run_cli(capsys, *argv)
+    return code, out, error_lines(err)
 
 
 def test_cli_exports_a_pruned_checkpoint(capsys, tmp_path, tiny_tokenizer):

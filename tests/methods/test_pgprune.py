@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.memory import PeakMemory
 from prunekit.methods import method_info
@@ -18,7 +17,7 @@ from prunekit.methods.pgprune.forwards import SampleForwards, row_losses
 from prunekit.methods.pgprune.learn import generator_for
 from prunekit.methods.wanda_sp import wanda_sp_scores
 from prunekit.structure.params import predicted_ratios
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, run_cli
 from tests.methods import pgprune_helpers as known
 from tests.methods.width_helpers import captured_inputs
 
@@ -229,9 +228,8 @@ def test_layer_units_drop_whole_layers_within_the_budget():
 
 
 def _run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(arg) for arg in argv])
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *argv)
+    return code, err
 
 
 FAST = ["--calib", "sample", "--calib-tokens", "1280", "--seqlen", "32", "--no-eval", "--no-progress"]

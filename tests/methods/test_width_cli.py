@@ -6,17 +6,16 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.cli import main
 from prunekit.methods import taylor as taylor_module
+from tests.conftest import run_cli
 from tests.methods.width_helpers import windows
 
 FAST = ["--calib", "sample", "--calib-tokens", "512", "--seqlen", "32", "--no-eval", "--no-progress"]
 
 
 def _run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(arg) for arg in argv])
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *argv)
+    return code, err
 
 
 @pytest.mark.parametrize("method,options", [

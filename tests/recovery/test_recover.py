@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.recovery import build_recipe, recover
 from prunekit.recovery import train as train_module
 from prunekit.recovery.examples import IGNORE, instruction_examples
-from tests.conftest import make_tiny_model
+from tests.conftest import error_lines, make_tiny_model, run_cli
 from tests.structure.common import mixed_plan
 
 FAST = ["--batch-size", "4", "--micro-batch-size", "2", "--seqlen", "32", "--train-tokens", "512", "--lr", "5e-3",
@@ -30,10 +29,8 @@ def pruned_dir(tmp_path, tiny_tokenizer):
 
 
 def _run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip() and "%|" not in line]
+    code, out, err = run_cli(capsys, *argv)
+    return code, out, error_lines(err)
 
 
 def _logits(model, ids):
