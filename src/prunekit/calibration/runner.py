@@ -21,6 +21,7 @@ has edited that linear (zeroed and compensated columns) the branch output is rec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from prunekit.calibration.store import ActivationStore, check_offload
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
+from prunekit.models.onloading import onloader_of
 
 STOP_POINTS = ("attention", "mlp")
 BatchObserver = Callable[[slice, torch.Tensor, torch.Tensor], None]
@@ -78,9 +80,11 @@ class LayerwiseRunner:
         self._position = 0
         self._mid_layer = False  # the stream holds layer `position`'s post-attention residual, not its inputs
         self._kept: tuple[int, str, ActivationStore, tuple] | None = None
-        self._inputs, self._contexts = capture_layer_inputs(
-            model, adapter, input_ids, self.batches(), self._new_store_like, progress
-        )
+        self._onloader = onloader_of(model)  # weights on disk: each layer is read when reached (models.onloading)
+        with self._onloader.embeddings() if self._onloader else nullcontext():
+            self._inputs, self._contexts = capture_layer_inputs(
+                model, adapter, input_ids, self.batches(), self._new_store_like, progress
+            )
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _new_store_like(self, sample: torch.Tensor) -> ActivationStore:
@@ -123,16 +127,24 @@ class LayerwiseRunner:
         return self._layers[index]
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """Yield ``(index, layer)`` from the current position on; the caller must ``advance(index)`` each one."""
+        """Yield ``(index, layer)`` from the current position on; the caller must ``advance(index)`` each one.
+
+        On an onloaded model the layer is read from disk before it is yielded and freed (its edits kept) once the
+        caller asks for the next one.
+        """
         start = self._position
         for index in tqdm(range(start, self.num_layers), desc="layers", disable=not self.progress,
                           initial=start, total=self.num_layers):
+            if self._onloader:
+                self._onloader.onload_layer(index)
             yield index, self._layers[index]
             if self._position != index + 1:
                 raise PrunekitError(
                     f"layer {index} was not advanced; call runner.advance({index}) "
                     "before the next layer"
                 )
+            if self._onloader:
+                self._onloader.release_layer(index)
 
     # -- passes --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -74,13 +74,22 @@ def window_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return losses.view(targets.shape).sum(dim=1)
 
 
-@torch.inference_mode()
 def perplexity(
     model: nn.Module, windows: TokenWindows, batch_size: int | None = None, progress: bool = True
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` (see the module docstring for the protocol)."""
-    parameter = next(model.parameters())
+    from prunekit.models.onloading import onloader_of
+
     batch_size = batch_size or default_batch_size(windows.seqlen)
+    if onloader_of(model) is not None:
+        return _onloaded_perplexity(model, windows, batch_size, progress)
+    return _in_memory_perplexity(model, windows, batch_size, progress)
+
+
+@torch.inference_mode()
+def _in_memory_perplexity(model: nn.Module, windows: TokenWindows, batch_size: int,
+                          progress: bool) -> PerplexityResult:
+    parameter = next(model.parameters())
     nll_sum, started = 0.0, time.perf_counter()
     batches = range(0, windows.num_windows, batch_size)
     label = f"ppl {windows.source} L={windows.seqlen}"
@@ -91,6 +100,10 @@ def perplexity(
         if not torch.isfinite(sums).all():
             raise PrunekitError(f"non-finite loss in windows {start}..{start + len(batch) - 1}; the model diverged")
         nll_sum += float(sums.double().sum())
+    return _result(nll_sum, windows, parameter.dtype, started)
+
+
+def _result(nll_sum: float, windows: TokenWindows, dtype: torch.dtype, started: float) -> PerplexityResult:
     scored = windows.num_windows * (windows.seqlen - 1)
     return PerplexityResult(
         perplexity=math.exp(nll_sum / scored),
@@ -98,9 +111,37 @@ def perplexity(
         scored_tokens=scored,
         windows=windows.num_windows,
         seqlen=windows.seqlen,
-        dtype=str(parameter.dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         bos=windows.bos,
         source=windows.source,
         split=windows.split,
         seconds=time.perf_counter() - started,
     )
+
+
+@torch.no_grad()  # not inference mode: onloaded tensors must stay editable by the methods that follow
+def _onloaded_perplexity(model: nn.Module, windows: TokenWindows, batch_size: int, progress: bool) -> PerplexityResult:
+    """The same protocol on a model whose weights are on disk: every window goes through one layer at a time
+    (``LayerwiseRunner``), then through the final norm and the head, read last."""
+    from prunekit.calibration.runner import LayerwiseRunner
+    from prunekit.models.onloading import onloader_of
+
+    onloader = onloader_of(model)
+    nll_sum, started = 0.0, time.perf_counter()
+    with LayerwiseRunner(model, onloader.adapter, windows, batch_size=batch_size, progress=progress) as runner:
+        for index, _ in runner.layers():
+            runner.advance(index)
+        head = model.get_output_embeddings()
+        tied = onloader.adapter.tied_embeddings
+        with onloader.modules(model.model.norm, model.get_input_embeddings() if tied else head):
+            weight = model.get_input_embeddings().weight if tied else head.weight
+            dtype = weight.dtype
+            for rows in runner.batches():
+                batch = windows.input_ids[rows]
+                logits = F.linear(model.model.norm(runner.inputs.read(rows)), weight)
+                sums = window_nll_sums(logits, batch.to(logits.device))
+                if not torch.isfinite(sums).all():
+                    raise PrunekitError(f"non-finite loss in windows {rows.start}..{rows.stop - 1}; the model "
+                                        "diverged")
+                nll_sum += float(sums.double().sum())
+    return _result(nll_sum, windows, dtype, started)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -53,19 +52,28 @@ def save_pruned(
     with atomic_directory(directory, overwrite=overwrite) as staging:
         save_file(_unique_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
         os.chmod(staging / WEIGHTS_NAME, 0o644)  # safetensors writes it private; a checkpoint is an ordinary file
-        digests = {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)}
-        PrunedConfig(base_config=dense_config, architectures=dense_config.get("architectures")).save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        body = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "weights_sha256": digests,
-                **(manifest or {})}
-        (staging / MANIFEST_NAME).write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
-        for name, content in (artifacts or {}).items():
-            if isinstance(content, bytes):
-                (staging / name).write_bytes(content)
-            else:
-                (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+        write_checkpoint_files(staging, model, tokenizer, {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)},
+                               manifest, artifacts)
     return directory
+
+
+def write_checkpoint_files(staging: Path, model: nn.Module, tokenizer: Any, digests: dict[str, str],
+                           manifest: dict[str, Any] | None = None, artifacts: dict[str, Any] | None = None) -> None:
+    """Everything beside the weights: config (the wrapped dense config), tokenizer, manifest, artifacts.
+
+    ``digests`` maps each weights file (one file, or every shard) to its SHA-256.
+    """
+    plan, dense_config = model.prunekit_plan, model.prunekit_dense_config
+    PrunedConfig(base_config=dense_config, architectures=dense_config.get("architectures")).save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    body = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "weights_sha256": digests, **(manifest or {})}
+    (staging / MANIFEST_NAME).write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
+    for name, content in (artifacts or {}).items():
+        if isinstance(content, bytes):
+            (staging / name).write_bytes(content)
+        else:
+            (staging / name).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -124,7 +132,7 @@ def load_pruned(
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), **extra)
     apply_plan(model, plan, edited_weights=True)  # every weight, edited or added, comes from the file next
-    _load_weights_strictly(model, directory / WEIGHTS_NAME)
+    _load_weights_strictly(model, directory)
     model = model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
@@ -162,43 +170,41 @@ def _base_config(path: Path) -> dict[str, Any]:
 
 
 def _verify_digest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Compare the weights file with the digest saved beside it (checkpoints older than the digest have none)."""
-    expected = (manifest.get("weights_sha256") or {}).get(WEIGHTS_NAME)
-    path = directory / WEIGHTS_NAME
-    if expected is None or not path.is_file():
-        return  # no digest to check, or a missing file, which the strict load names
-    if file_sha256(path) != expected:
-        raise PrunekitError(f"{path} does not match the SHA-256 in {MANIFEST_NAME}: the weights changed after saving; "
-                            "re-save the checkpoint (or skip the check: --no-verify, or verify=False in Python)")
+    """Compare each weights file (one, or every shard) with the digest saved beside it (checkpoints older than the
+    digest have none)."""
+    for name, expected in (manifest.get("weights_sha256") or {}).items():
+        path = directory / name
+        if not path.is_file():
+            continue  # a missing file is named by the strict load
+        if file_sha256(path) != expected:
+            raise PrunekitError(f"{path} does not match the SHA-256 in {MANIFEST_NAME}: the weights changed after "
+                                "saving; re-save the checkpoint (or skip the check: --no-verify, or verify=False in "
+                                "Python)")
 
 
-def _load_weights_strictly(model: nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise PrunekitError(f"{path} is missing; the checkpoint is incomplete")
+def _load_weights_strictly(model: nn.Module, directory: Path) -> None:
+    """Copy every tensor of the checkpoint (one file, or shards listed in an index) into ``model``, one tensor at a
+    time; missing, unexpected or mis-shaped tensors are one-line errors."""
+    from prunekit.models.shards import INDEX_NAME, ShardedCheckpoint
+
+    sharded = (directory / INDEX_NAME).is_file()
+    label = INDEX_NAME if sharded else WEIGHTS_NAME
+    if not sharded and not (directory / WEIGHTS_NAME).is_file():
+        raise PrunekitError(f"{directory / WEIGHTS_NAME} is missing; the checkpoint is incomplete")
+    stored = ShardedCheckpoint(directory)  # a truncated or missing shard is its own one-line error
     expected = _unique_state_dict(model)
-    try:
-        with safe_open(path, framework="pt") as handle:
-            stored = set(handle.keys())
-            missing = sorted(set(expected) - stored)
-            unexpected = sorted(stored - set(expected))
-            if missing:
-                raise PrunekitError(f"{path.name} lacks tensor {missing[0]} ({len(missing)} missing in all)")
-            if unexpected:
-                raise PrunekitError(f"{path.name} has unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
-            tensors = {}
-            for name, target in expected.items():
-                tensor = handle.get_tensor(name)
-                if tensor.shape != target.shape:
-                    raise PrunekitError(
-                        f"{path.name} tensor {name} has shape {tuple(tensor.shape)}, "
-                        f"the plan gives {tuple(target.shape)}"
-                    )
-                tensors[name] = tensor
-    except SafetensorError as error:
-        raise PrunekitError(f"{path} is damaged or truncated ({error}); re-save the checkpoint") from None
-    parameters = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    missing = sorted(set(expected) - set(stored.files))
+    unexpected = sorted(set(stored.files) - set(expected))
+    if missing:
+        raise PrunekitError(f"{label} lacks tensor {missing[0]} ({len(missing)} missing in all)")
+    if unexpected:
+        raise PrunekitError(f"{label} has unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    targets = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            target = parameters.get(name, buffers.get(name))
-            target.copy_(tensor.to(target.dtype))
+        for name, target in expected.items():
+            tensor = stored.read([name])[name]
+            if tensor.shape != target.shape:
+                raise PrunekitError(f"{label} tensor {name} has shape {tuple(tensor.shape)}, the plan gives "
+                                    f"{tuple(target.shape)}")
+            targets[name].copy_(tensor.to(targets[name].dtype))
+

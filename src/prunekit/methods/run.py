@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit.data.windows import TokenWindows
@@ -71,10 +72,7 @@ def prune(
     context = PruneContext(model, adapter, target, config, calibration, seed, progress,
                            Path(state_path) if state_path else None)
     outcome = spec(context)
-    plan = outcome.plan
-    plan.method, plan.settings, plan.seed = spec.name, config.to_dict(), seed
-    plan.weights_edited = spec.capabilities.edits_weights
-    plan.calibration = calibration.describe() if calibration is not None else {}
+    plan = _recorded(outcome.plan, spec, config, seed, calibration)
     apply_plan(model, plan, edited_weights=spec.capabilities.edits_weights)
     metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
     metrics["parameters"] = measured_ratios(model, adapter).to_dict()
@@ -82,6 +80,74 @@ def prune(
         metrics["perplexity_after"] = perplexity(model, evaluation, progress=progress).to_dict()
     plan.metrics = {**plan.metrics, **metrics}  # what the method recorded (per-layer reports, labels) stays
     return PruneResult(model=model, tokenizer=tokenizer, plan=plan, metrics=metrics, artifacts=outcome.artifacts)
+
+
+def _recorded(plan: PruningPlan, spec: Method, config, seed: int, calibration: TokenWindows | None) -> PruningPlan:
+    """The plan with what produced it: method, settings, seed, calibration, whether it edited weights."""
+    plan.method, plan.settings, plan.seed = spec.name, config.to_dict(), seed
+    plan.weights_edited = spec.capabilities.edits_weights
+    plan.calibration = calibration.describe() if calibration is not None else {}
+    return plan
+
+
+def prune_onloaded(
+    source: str | Path,
+    method: str,
+    out: str | Path,
+    ratio: float | None = None,
+    ratio_of: str = "all",
+    calibration: TokenWindows | None = None,
+    evaluation: TokenWindows | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    blocks: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    save_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`prune` for a model too large for memory: the layers of ``source`` (a safetensors model directory)
+    are read one at a time for the method, the perplexities and the materialisation, which writes the pruned
+    checkpoint ``out`` shard by shard (``io.streamed``). ``save_dtype`` (default ``dtype``) is the checkpoint's.
+    Returns the metrics, as saved in the checkpoint's manifest."""
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.io.streamed import save_streamed
+    from prunekit.models.onloading import EditStore, open_onloaded
+    from prunekit.structure.params import measured_ratios
+
+    spec = method_info(method)
+    if not spec.capabilities.onloading:
+        supported = sorted(name for name, item in available_methods().items() if item.capabilities.onloading)
+        raise PrunekitError(f"method '{spec.name}' cannot run on an onloaded model yet (--offload disk); methods "
+                            f"that can: {', '.join(supported)}")
+    target, config = resolve_target(spec, ratio, ratio_of, blocks), spec.configure(options)
+    save_dtype = save_dtype or dtype
+    edits = EditStore(Path(out).absolute().parent, save_dtype) if spec.capabilities.edits_weights else None
+    try:
+        model, adapter, tokenizer = open_onloaded(source, dtype, device, edits)
+        metrics: dict[str, Any] = {"target": target.describe(), "offload": "disk"}
+        if evaluation is not None:
+            metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
+        started = time.perf_counter()
+        outcome = spec(PruneContext(model, adapter, target, config, calibration, seed, progress))
+        plan = _recorded(outcome.plan, spec, config, seed, calibration)
+
+        def after(staging: Path) -> dict[str, Any]:
+            metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
+            metrics["parameters"] = measured_ratios(model, adapter).to_dict()
+            if evaluation is not None:
+                pruned, _, _ = open_onloaded(staging, dtype, device)
+                metrics["perplexity_after"] = perplexity(pruned, evaluation, progress=progress).to_dict()
+            return {"metrics": metrics}
+
+        save_streamed(model.prunekit_onloader, plan, tokenizer, out, dtype=save_dtype, overwrite=overwrite,
+                      artifacts=outcome.artifacts, before_manifest=after, progress=progress)
+    finally:
+        if edits is not None:
+            edits.close()
+    return metrics
 
 
 def resolve_target(spec: Method, ratio: float | None, ratio_of: str = "all", blocks: int | None = None) -> Target:

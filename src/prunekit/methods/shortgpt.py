@@ -44,7 +44,7 @@ class ShortGPTConfig(MethodConfig):
     batch_size: int = option(8, "calibration windows per forward pass", minimum=1)
 
 
-@register("shortgpt", config=ShortGPTConfig, capabilities=Capabilities(DEPTH, nested=True),
+@register("shortgpt", config=ShortGPTConfig, capabilities=Capabilities(DEPTH, nested=True, onloading=True),
           description="one-shot removal of the layers with the lowest Block Influence (Men et al. 2024)",
           calibration_tokens=32 * 512, calibration_seqlen=512)
 def shortgpt(context: PruneContext) -> MethodResult:

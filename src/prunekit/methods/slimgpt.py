@@ -94,7 +94,7 @@ class SlimGPTConfig(MethodConfig):
 
 
 @register("slimgpt", config=SlimGPTConfig, description="OBS layer-wise pruning of heads and channels with "
-          "compensation (Ling et al. 2024)", capabilities=Capabilities("width", edits_weights=True))
+          "compensation (Ling et al. 2024)", capabilities=Capabilities("width", edits_weights=True, onloading=True))
 def slimgpt(context: PruneContext) -> MethodResult:
     """Prune the o_proj / down_proj inputs in place (compensated, dense shapes) and return the plan."""
     config: SlimGPTConfig = context.config

@@ -220,7 +220,8 @@ def _unique_parameters(module: nn.Module):
     """Each parameter tensor once, even when two modules share its storage (a tied embedding / lm_head)."""
     seen: set[int] = set()
     for parameter in module.parameters():
-        key = parameter.data_ptr() if parameter.numel() else id(parameter)
+        # Meta tensors (an onloaded model) all report address 0: tell them apart by identity.
+        key = parameter.data_ptr() if parameter.numel() and not parameter.is_meta else id(parameter)
         if key not in seen:
             seen.add(key)
             yield parameter

@@ -54,14 +54,25 @@ def apply_plan(model: nn.Module, plan: PruningPlan, edited_weights: bool = False
                             "checkpoint the plan came from instead")
     adapter = adapter_for(model)
     plan.validate(adapter)
+    for layer_plan, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True):
+        materialize_layer(layer, layer_plan, adapter, plan.added_biases)
+    return finish_structure(model, plan, adapter)
+
+
+def materialize_layer(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter, added_biases: list[str]) -> None:
+    """Slice one decoder layer in place (its removed blocks become stand-ins); a removed layer is left alone."""
+    if layer_plan.layer_removed:
+        return
+    with torch.no_grad():
+        _apply_attention(layer, layer_plan, adapter)
+        _apply_mlp(layer, layer_plan, adapter)
+        _add_biases(layer, layer_plan, adapter, added_biases)
+
+
+def finish_structure(model: nn.Module, plan: PruningPlan, adapter: ArchAdapter) -> nn.Module:
+    """After every layer is materialised: drop removed layers, renumber, update the config, attach the plan."""
     dense_config = model.config.to_dict()
     layers = adapter.decoder_layers(model)
-    with torch.no_grad():
-        for layer_plan, layer in zip(plan.layers, layers, strict=True):
-            if not layer_plan.layer_removed:
-                _apply_attention(layer, layer_plan, adapter)
-                _apply_mlp(layer, layer_plan, adapter)
-                _add_biases(layer, layer_plan, adapter, plan.added_biases)
     pairs = zip(plan.layers, layers, strict=True)
     kept = nn.ModuleList(layer for layer_plan, layer in pairs if not layer_plan.layer_removed)
     adapter.set_decoder_layers(model, kept)

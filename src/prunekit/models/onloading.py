@@ -1,0 +1,164 @@
+"""Layer-by-layer onloading: a model whose weights stay on disk until the pipeline reaches them.
+
+:class:`Onloader` is attached to a model built on the meta device (``models.shards.empty_model``). The layer-wise
+pipeline (``calibration.runner.LayerwiseRunner``) asks it for the embeddings while it captures the first layer's
+inputs, and for one decoder layer at a time while it walks the decoder; each is read from the checkpoint's
+safetensors shards when asked for and returned to the meta device when the pipeline moves on. Peak memory is then
+one layer, the embeddings (only while capturing) and the calibration activations.
+
+Methods that edit weights in place (SlimGPT's compensation) change a layer while it is onloaded; on release, every
+tensor whose storage or in-place version changed is kept in an :class:`EditStore` (safetensors files on disk, one
+per layer), from which the streamed materialisation (``io.streamed``) takes the edited tensors instead of the
+checkpoint's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ArchAdapter, family_spec
+from prunekit.models.shards import ShardedCheckpoint, empty_model, offload, onload, onload_rotary
+
+ATTRIBUTE = "prunekit_onloader"
+
+
+class EditStore:
+    """Tensors a method edited (or added) in each layer, stored on disk in ``dtype`` until materialisation."""
+
+    def __init__(self, parent: str | Path | None = None, dtype: torch.dtype | None = None):
+        self.directory = Path(tempfile.mkdtemp(prefix=".prunekit-edits-", dir=parent))
+        self.dtype = dtype
+        self.layers: set[int] = set()
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"layer-{index:05d}.safetensors"
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        cast = {name: (tensor.to(self.dtype) if self.dtype else tensor).detach().contiguous().cpu()
+                for name, tensor in tensors.items()}
+        save_file(cast, str(self._path(index)))
+        self.layers.add(index)
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        """The edited tensors of layer ``index`` (names relative to the layer), empty when none were edited."""
+        return load_file(str(self._path(index))) if index in self.layers else {}
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Onloader:
+    """Reads a meta-device model's modules from ``checkpoint`` when asked and frees them afterwards."""
+
+    def __init__(self, model: nn.Module, checkpoint: ShardedCheckpoint, device: torch.device | str = "cpu",
+                 edits: EditStore | None = None, adapter: ArchAdapter | None = None):
+        from prunekit.models.adapters import adapter_for
+
+        check_onloadable(model)
+        self.model, self.checkpoint, self.device, self.edits = model, checkpoint, torch.device(device), edits
+        self.adapter = adapter or adapter_for(model)  # a pruned model passes its dense architecture's
+        self._prefixes = {id(module): f"{name}." for name, module in model.named_modules() if name}
+        self._versions: dict[int, dict[str, tuple[int, int]]] = {}
+        onload_rotary(model, self.device)
+        setattr(model, ATTRIBUTE, self)
+
+    def prefix(self, module: nn.Module) -> str:
+        return self._prefixes[id(module)]
+
+    @contextlib.contextmanager
+    def modules(self, *modules: nn.Module) -> Iterator[None]:
+        """Onload ``modules`` for the duration of the block (the embeddings while layer inputs are captured)."""
+        try:
+            for module in modules:
+                onload(module, self.prefix(module), self.checkpoint, self.device)
+            yield
+        finally:
+            for module in modules:
+                offload(module)
+
+    def embeddings(self) -> contextlib.AbstractContextManager:
+        return self.modules(self.model.get_input_embeddings())
+
+    def onload_layer(self, index: int) -> nn.Module:
+        layer = self.model.model.layers[index]
+        onload(layer, self.prefix(layer), self.checkpoint, self.device)
+        if self.edits is not None:
+            self._versions[index] = _versions(layer)
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        """Keep what the method edited in layer ``index`` (when edits are kept) and free the layer."""
+        layer = self.model.model.layers[index]
+        before = self._versions.pop(index, None)
+        if self.edits is not None and before is not None:
+            now = _versions(layer)
+            edited = {name: tensor for name, tensor in layer.state_dict().items() if now.get(name) != before.get(name)}
+            self.edits.save(index, edited)
+        offload(layer)
+
+
+def _versions(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Identity and in-place version of each tensor: a changed pair means the method replaced or edited it."""
+    return {name: (id(tensor), tensor._version) for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def onloader_of(model: nn.Module) -> Onloader | None:
+    return getattr(model, ATTRIBUTE, None)
+
+
+def check_onloadable(model: nn.Module) -> None:
+    """Refuse, in one line, models whose non-persistent buffers (other than rotary tables) would be lost on the
+    meta device: their values are computed at construction and are in no checkpoint (Gemma3's embedding scale)."""
+    stored = set(model.state_dict())
+    lost = [name for name, _ in model.named_buffers() if name not in stored and "rotary_emb" not in name]
+    if lost:
+        raise PrunekitError(f"{model.config.model_type} keeps computed buffers ({lost[0]}) that layer-by-layer "
+                            "onloading cannot rebuild; use --offload none")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        raise PrunekitError(f"{model.config.model_type} caps its logits, which onloaded evaluation does not do; "
+                            "use --offload none")
+
+
+def open_onloaded(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  edits: EditStore | None = None) -> tuple[nn.Module, ArchAdapter, Any]:
+    """A model of ``path`` (a Hugging Face directory with safetensors weights, or a prunekit checkpoint) built on
+    the meta device with an :class:`Onloader` attached; returns it, the dense architecture's adapter and the
+    tokenizer (None when the directory has none)."""
+    from transformers import AutoConfig
+
+    from prunekit.io.checkpoint import _base_config, _tokenizer, read_manifest
+    from prunekit.models.adapters import adapter_for
+    from prunekit.models.loading import is_pruned_checkpoint
+    from prunekit.structure.materialize import apply_plan
+    from prunekit.structure.plan import PruningPlan
+
+    directory = Path(path).expanduser()
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise PrunekitError(f"--offload disk reads a local model directory with config.json and safetensors "
+                            f"weights; {directory} is not one (save the model with save_pretrained first)")
+    checkpoint = ShardedCheckpoint(directory)
+    if is_pruned_checkpoint(directory):
+        base = _base_config(directory / "config.json")
+        config = AutoConfig.for_model(base.pop("model_type"), **base)
+    else:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    family_spec(config.model_type)
+    model = empty_model(config, dtype)
+    adapter = adapter_for(model)
+    if is_pruned_checkpoint(directory):
+        apply_plan(model, PruningPlan.from_dict(read_manifest(directory)["plan"]), edited_weights=True)
+    Onloader(model, checkpoint, device, edits, adapter)
+    return model, adapter, _tokenizer(directory)
