@@ -82,9 +82,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_one_window(args.max_tokens, "--max-tokens", args.seqlen)
     if args.json is not None:
         check_output_file(args.json)
-    model, tokenizer = _load(args)
+    directory = _offload_directory(args)
+    if directory is not None:
+        from prunekit.models.loading import parse_dtype
+        from prunekit.models.onloading import open_onloaded
+
+        if tasks:
+            raise PrunekitError("--tasks runs lm-eval on a model in memory; it cannot run with --offload disk")
+        model, _, tokenizer = open_onloaded(directory, parse_dtype(args.dtype), args.device)
+        if tokenizer is None:
+            raise PrunekitError(f"{args.model} has no tokenizer files, which this command needs")
+    else:
+        model, tokenizer = _load(args)
     resolve_bos(tokenizer, args.bos)
-    seqlen = _cap_seqlen(model, args.seqlen)
+    seqlen = _cap_seqlen(model.config, args.seqlen)
     results = {}
     for source in sources:
         split = "all" if Path(source).is_file() else "evaluation"
@@ -165,8 +176,9 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
-    from prunekit.data.windows import calibration_windows, evaluation_windows
     from prunekit.methods import method_info, prune
+    from prunekit.methods.run import prune_onloaded
+    from prunekit.models.loading import parse_dtype
     from prunekit.report.tables import before_after_table
 
     info = method_info(args.method)
@@ -179,8 +191,41 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _check_token_counts(args, info)
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
         check_source(source)
-    model, tokenizer = _load(args)
-    seqlen = _cap_seqlen(model, args.seqlen or info.calibration_seqlen)
+    save_dtype = parse_dtype(args.save_dtype) if args.save_dtype else None
+    directory = _offload_directory(args)
+    if directory is not None:
+        tokenizer, config = _tokenizer_and_config(directory, args.model)
+        calibration, evaluation = _prune_windows(args, info, tokenizer, config)
+        metrics = prune_onloaded(directory, info.name, args.out, args.ratio, args.ratio_of, calibration, evaluation,
+                                 args.seed, not args.no_progress, args.blocks, dtype=parse_dtype(args.dtype),
+                                 device=args.device, save_dtype=save_dtype, overwrite=args.overwrite, **options)
+        plan_settings = info.configure(options).to_dict()
+        plan_calibration = calibration.describe() if calibration is not None else {}
+    else:
+        model, tokenizer = _load(args)
+        calibration, evaluation = _prune_windows(args, info, tokenizer, model.config)
+        result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
+                       not args.no_progress, blocks=args.blocks, state_path=state_path, **options)
+        if save_dtype is not None:
+            result.model.to(save_dtype)
+        result.save(args.out, overwrite=args.overwrite)
+        metrics, plan_settings, plan_calibration = result.metrics, result.plan.settings, result.plan.calibration
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)  # the checkpoint's artifacts (schedule, history) now hold what it held
+    print(before_after_table(metrics, info.name))
+    print(f"saved: {args.out}")
+    if args.json is not None:
+        _write_json(args.json, {"model": str(args.model), "method": info.name, "plan_seed": args.seed,
+                                "settings": plan_settings, "calibration": plan_calibration, "metrics": metrics})
+    return 0
+
+
+def _prune_windows(args: argparse.Namespace, info, tokenizer, config):
+    """The calibration windows (None for methods without calibration) and the evaluation windows (None with
+    --no-eval), both capped at the model's context."""
+    from prunekit.data.windows import calibration_windows, evaluation_windows
+
+    seqlen = _cap_seqlen(config, args.seqlen or info.calibration_seqlen)
     calibration = None
     if info.capabilities.needs_calibration:
         same_as_eval = not args.no_eval and Path(args.calib).resolve() == Path(args.eval).resolve()
@@ -189,20 +234,46 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                           seqlen, args.calib_windows, args.seed, args.bos, split=split)
     evaluation = None
     if not args.no_eval:
-        evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(model, args.eval_seqlen or seqlen),
+        evaluation = evaluation_windows(tokenizer, args.eval, _cap_seqlen(config, args.eval_seqlen or seqlen),
                                         args.eval_tokens, args.bos)
-    result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
-                   not args.no_progress, blocks=args.blocks, state_path=state_path, **options)
-    result.save(args.out, overwrite=args.overwrite)
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)  # the checkpoint's artifacts (schedule, history) now hold what it held
-    print(before_after_table(result.metrics, info.name))
-    print(f"saved: {args.out}")
-    if args.json is not None:
-        _write_json(args.json, {"model": str(args.model), "method": info.name, "plan_seed": args.seed,
-                                "settings": result.plan.settings, "calibration": result.plan.calibration,
-                                "metrics": result.metrics})
-    return 0
+    return calibration, evaluation
+
+
+def _offload_directory(args: argparse.Namespace) -> Path | None:
+    """The model directory to read layer by layer, when --offload (chosen or automatic) says so; None to load the
+    model whole. The choice and its reason are printed when it was automatic."""
+    from prunekit.models.bundled import BUNDLED, ensure_converted
+    from prunekit.models.fit import choose_offload
+    from prunekit.models.loading import parse_device, parse_dtype
+
+    name = str(args.model)
+    path = Path(name).expanduser()
+    directory = None
+    if name in BUNDLED and args.offload != "none":
+        directory = ensure_converted(name)
+    elif path.is_dir() and (path / "config.json").is_file():
+        directory = path
+    mode, reason = choose_offload(directory, parse_dtype(args.dtype), parse_device(args.device), args.offload)
+    if args.offload == "auto":
+        print(f"prunekit: --offload auto: {mode} ({reason})", file=sys.stderr)
+    return directory if mode == "disk" else None
+
+
+def _tokenizer_and_config(directory: Path, model_name):
+    from transformers import AutoConfig
+
+    from prunekit.io.checkpoint import _tokenizer
+    from prunekit.models.loading import is_pruned_checkpoint
+
+    tokenizer = _tokenizer(directory)
+    if tokenizer is None:
+        raise PrunekitError(f"{model_name} has no tokenizer files, which this command needs; save the model with its "
+                            "tokenizer")
+    if is_pruned_checkpoint(directory):
+        from prunekit.io.checkpoint import _base_config
+
+        return tokenizer, AutoConfig.for_model(**_base_config(directory / "config.json"))
+    return tokenizer, AutoConfig.from_pretrained(directory, local_files_only=True)
 
 
 def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Path | None:
@@ -365,8 +436,8 @@ def _check_token_counts(args: argparse.Namespace, info) -> None:
                             "(--eval-seqlen, else --seqlen)")
 
 
-def _cap_seqlen(model, seqlen: int) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def _cap_seqlen(config, seqlen: int) -> int:
+    limit = getattr(config, "max_position_embeddings", None)
     if limit and seqlen > limit:
         print(f"prunekit: --seqlen {seqlen} capped at the model's context of {limit}", file=sys.stderr)
         return int(limit)

@@ -32,6 +32,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the SHA-256 check of a pruned checkpoint's weights (for very large models)")
 
 
+def _add_offload_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--offload", default="auto", choices=["auto", "none", "disk"],
+                        help="where the weights live: none (loaded whole), disk (read from the model directory's "
+                        "safetensors one layer at a time, for models larger than memory) or auto (whole if the "
+                        "weights take at most half the available memory; the choice is printed). Default: auto")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--bos", default="auto", help="auto | none | stream | window (default: auto)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    _add_offload_option(evaluate)
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
@@ -164,6 +172,9 @@ def _add_prune_parsers(commands) -> None:
     prune.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="set a method hyperparameter (repeatable; see 'prunekit methods')")
+    _add_offload_option(prune)
+    prune.add_argument("--save-dtype", help="dtype of the saved checkpoint: float32 | bfloat16 | float16 (default: "
+                       "--dtype)")
     prune.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
     prune.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 

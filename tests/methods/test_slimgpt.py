@@ -119,7 +119,8 @@ def test_bf16_model_gets_hessians_accumulated_in_fp32(tiny_tokenizer, windows, m
     handle = o_proj.register_forward_pre_hook(lambda module, args: recorded.append(args[0].detach().clone()))
     original = slimgpt_module.prepare_hessian
     monkeypatch.setattr(slimgpt_module, "prepare_hessian",
-                        lambda hessian, *args: hessians.append(hessian.clone()) or original(hessian, *args))
+                        lambda hessian, *args, **kwargs: hessians.append(hessian.clone())
+                        or original(hessian, *args, **kwargs))
     result = _slimgpt(model, tiny_tokenizer, windows[0], schedule="uniform", batch_size=4)
     handle.remove()
     batches = windows[0].num_windows // 4  # collect_branch's pass; finish_branch replays the same inputs after it

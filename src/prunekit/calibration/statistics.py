@@ -100,11 +100,20 @@ class InputStatistics:
         Any positive scale gives the same OBS solution, since SlimGPT damps relative to the mean diagonal; the
         choice only matters when comparing Hessians across runs with different window lengths.
         """
-        xtx = self._require(self.xtx, HESSIAN)
+        return self._require(self.xtx, HESSIAN) * self._hessian_scale(per, factor)
+
+    def take_hessian(self, per: str = "token", factor: float = 2.0) -> torch.Tensor:
+        """:meth:`hessian`, scaled in place and handed over: the statistics no longer hold it (one d x d matrix
+        alive instead of two, which matters at an 8B model's FFN width)."""
+        xtx, scale = self._require(self.xtx, HESSIAN), self._hessian_scale(per, factor)
+        self.xtx = None
+        return xtx.mul_(scale)
+
+    def _hessian_scale(self, per: str, factor: float) -> float:
         counts = {"token": self.tokens, "sequence": self.sequences}
         if per not in counts:
             raise PrunekitError(f"unknown Hessian normalisation '{per}'; use token or sequence")
-        return xtx * (factor / max(counts[per], 1))
+        return factor / max(counts[per], 1)
 
     def feature_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens, per input feature (Wanda), fp32."""

@@ -131,11 +131,11 @@ def _onloaded_perplexity(model: nn.Module, windows: TokenWindows, batch_size: in
     with LayerwiseRunner(model, onloader.adapter, windows, batch_size=batch_size, progress=progress) as runner:
         for index, _ in runner.layers():
             runner.advance(index)
-        head = model.get_output_embeddings()
-        tied = onloader.adapter.tied_embeddings
-        with onloader.modules(model.model.norm, model.get_input_embeddings() if tied else head):
-            weight = model.get_input_embeddings().weight if tied else head.weight
-            dtype = weight.dtype
+        head = model.get_input_embeddings() if onloader.adapter.tied_embeddings else model.get_output_embeddings()
+        dtype = head.weight.dtype
+        (weight,) = onloader.stored(head).values()  # read as stored, so a tied head's meta parameter stays shared
+        weight = weight.to(dtype)
+        with onloader.modules(model.model.norm):
             for rows in runner.batches():
                 batch = windows.input_ids[rows]
                 logits = F.linear(model.model.norm(runner.inputs.read(rows)), weight)

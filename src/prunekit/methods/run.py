@@ -114,6 +114,7 @@ def prune_onloaded(
     Returns the metrics, as saved in the checkpoint's manifest."""
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.io.streamed import save_streamed
+    from prunekit.models.loading import is_pruned_checkpoint
     from prunekit.models.onloading import EditStore, open_onloaded
     from prunekit.structure.params import measured_ratios
 
@@ -123,6 +124,8 @@ def prune_onloaded(
         raise PrunekitError(f"method '{spec.name}' cannot run on an onloaded model yet (--offload disk); methods "
                             f"that can: {', '.join(supported)}")
     target, config = resolve_target(spec, ratio, ratio_of, blocks), spec.configure(options)
+    if is_pruned_checkpoint(source):
+        raise PrunekitError(f"{source} is already pruned; prune the dense model it came from")
     save_dtype = save_dtype or dtype
     edits = EditStore(Path(out).absolute().parent, save_dtype) if spec.capabilities.edits_weights else None
     try:

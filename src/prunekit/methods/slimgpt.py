@@ -144,7 +144,8 @@ def _prune_attention_layer(runner, index, layer, adapter, plan, counts, q_head_m
     o_proj = adapter.attention_linears(layer)["o_proj"]
     statistics = runner.collect_branch(index, "attention")
     weight = o_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.take_hessian(), weight, config.damping,
+                                                        keep_hessian=config.inverse_update == "reinvert")
     g, dh = adapter.heads_per_group, adapter.head_dim
     width = dh if q_head_mode else g * dh
     quota = counts.attention_units if q_head_mode else None
@@ -207,7 +208,8 @@ def _remove(weight, hessian_inverse, hessian, columns, already_removed, compensa
     else:
         error = float("nan")
         weight[:, columns] = 0
-    decouple(hessian, columns)
+    if hessian is not None:  # None when the inverse is downdated: H is never needed again
+        decouple(hessian, columns)
     return error
 
 
@@ -248,7 +250,8 @@ def _prune_mlp_layer(runner, index, layer, adapter, plan, channels, config) -> d
     down_proj = adapter.mlp_linears(layer)["down_proj"]
     statistics = runner.collect_branch(index, "mlp")
     weight = down_proj.weight.detach().float().clone()
-    hessian, hessian_inverse, damping = prepare_hessian(statistics.hessian(), weight, config.damping)
+    hessian, hessian_inverse, damping = prepare_hessian(statistics.take_hessian(), weight, config.damping,
+                                                        keep_hessian=config.inverse_update == "reinvert")
     removed, total_error = _greedy_channels(weight, hessian, channels, config, hessian_inverse)
     with torch.no_grad():
         down_proj.weight.copy_(weight.to(down_proj.weight.dtype))

@@ -88,8 +88,25 @@ class Onloader:
             for module in modules:
                 offload(module)
 
-    def embeddings(self) -> contextlib.AbstractContextManager:
-        return self.modules(self.model.get_input_embeddings())
+    def stored(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s tensors as the checkpoint stores them (names relative to it), without touching the module."""
+        prefix = self.prefix(module)
+        tensors = self.checkpoint.read(self.checkpoint.names(prefix), self.device)
+        return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+
+    @contextlib.contextmanager
+    def embeddings(self) -> Iterator[None]:
+        """The input embedding for the duration of the block, kept in the checkpoint's dtype (an 8B model's is 1 GB
+        in bf16, 2 GB in fp32) with its output cast to the model's dtype: the same values as a cast matrix."""
+        embedding = self.model.get_input_embeddings()
+        meta_weight = embedding.weight  # a tied head keeps pointing at it, and gets it back afterwards
+        embedding.weight = nn.Parameter(self.stored(embedding)["weight"], requires_grad=False)
+        handle = embedding.register_forward_hook(lambda _module, _args, output: output.to(meta_weight.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
+            embedding.weight = meta_weight
 
     def onload_layer(self, index: int) -> nn.Module:
         layer = self.model.model.layers[index]
