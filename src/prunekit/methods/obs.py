@@ -55,7 +55,7 @@ def prepare_hessian(
     for attempt in range(max_retries + 1):
         torch.diagonal(hessian).copy_(undamped + report.damping * mean_diagonal)
         factor, info = torch.linalg.cholesky_ex(hessian)
-        if int(info) == 0 and torch.isfinite(factor).all():
+        if int(info) == 0 and _all_finite(factor):
             if not keep_hessian:
                 del hessian
                 return None, _inverse_from_cholesky(factor), report
@@ -69,6 +69,12 @@ def prepare_hessian(
         "Hessian is not positive definite even with damping "
         f"{report.damping:g}; check calibration data"
     )
+
+
+def _all_finite(matrix: torch.Tensor, rows: int = 1024) -> bool:
+    """``isfinite(matrix).all()`` a block of rows at a time: on the whole matrix its temporaries take 1.7 times the
+    matrix (1.4 GB at an 8B model's FFN width)."""
+    return all(bool(torch.isfinite(block).all()) for block in matrix.split(rows))
 
 
 def inverse(hessian: torch.Tensor) -> torch.Tensor:

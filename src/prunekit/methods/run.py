@@ -140,6 +140,7 @@ def prune_onloaded(
         def after(staging: Path) -> dict[str, Any]:
             metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
             metrics["parameters"] = measured_ratios(model, adapter).to_dict()
+            metrics["source_reads"] = model.prunekit_onloader.checkpoint.read_summary()
             if evaluation is not None:
                 pruned, _, _ = open_onloaded(staging, dtype, device)
                 metrics["perplexity_after"] = perplexity(pruned, evaluation, progress=progress).to_dict()

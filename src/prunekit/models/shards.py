@@ -74,6 +74,12 @@ class ShardedCheckpoint:
                 tensors[name] = tensor
         return tensors
 
+    def read_summary(self) -> dict[str, int]:
+        """What was read so far: bytes, and the fewest and most reads of any tensor (0 if one was never read)."""
+        counts = [self.reads.get(name, 0) for name in self.files]
+        return {"bytes_read": self.bytes_read, "tensors": len(counts), "fewest_reads": min(counts, default=0),
+                "most_reads": max(counts, default=0)}
+
     def _open(self, file: str, device: torch.device | str) -> Any:
         path = self.directory / file
         if not path.is_file():
