@@ -205,7 +205,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         model, tokenizer = _load(args)
         calibration, evaluation = _prune_windows(args, info, tokenizer, model.config)
         result = prune(model, tokenizer, info.name, args.ratio, args.ratio_of, calibration, evaluation, args.seed,
-                       not args.no_progress, blocks=args.blocks, state_path=state_path, **options)
+                       not args.no_progress, blocks=args.blocks, state_path=state_path, save_dtype=save_dtype,
+                       **options)
         if save_dtype is not None:
             result.model.to(save_dtype)
         result.save(args.out, overwrite=args.overwrite)

@@ -47,6 +47,7 @@ def prune(
     progress: bool = True,
     blocks: int | None = None,
     state_path: str | Path | None = None,
+    save_dtype: torch.dtype | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` to ``ratio`` (or, for the depth methods, by ``blocks`` units)
@@ -55,6 +56,8 @@ def prune(
     ``options`` override the method's hyperparameters (``prunekit methods`` lists them with their defaults).
     With ``evaluation`` windows, perplexity is measured before and after; they must not be calibration text.
     ``state_path``: where a resumable method keeps its progress (a rerun with the same inputs continues).
+    ``save_dtype``: the returned model holds the pruned weights rounded to it (and measured so), still computing
+    in the model's dtype, as an onloaded run measures its saved checkpoint; cast it before saving.
     """
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.structure.materialize import apply_plan
@@ -74,6 +77,9 @@ def prune(
     outcome = spec(context)
     plan = _recorded(outcome.plan, spec, config, seed, calibration)
     apply_plan(model, plan, edited_weights=spec.capabilities.edits_weights)
+    if save_dtype is not None:
+        dtype = next(model.parameters()).dtype
+        model.to(save_dtype).to(dtype)  # exact round trip when save_dtype is the narrower one
     metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
     metrics["parameters"] = measured_ratios(model, adapter).to_dict()
     if evaluation is not None:

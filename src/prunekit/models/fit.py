@@ -111,4 +111,4 @@ def choose_offload(directory: str | Path | None, dtype: torch.dtype, device: tor
 
 
 def _gb(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

@@ -1,0 +1,158 @@
+"""Layer-by-layer onloading: a model read from its shards one layer at a time gives the in-memory result exactly
+(plan, weights, perplexity), reads what it says it reads, and fails cleanly on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.data.windows import TokenWindows
+from prunekit.errors import PrunekitError
+from prunekit.evaluation.perplexity import perplexity
+from prunekit.methods.run import prune, prune_onloaded
+from prunekit.models.fit import choose_offload, footprint
+from prunekit.models.onloading import open_onloaded
+from tests.conftest import error_lines, make_tiny_model, model_directory, run_cli
+
+
+def _windows(vocab: int, seed: int, count: int = 8, seqlen: int = 32) -> TokenWindows:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (count, seqlen), generator=generator)
+    return TokenWindows(ids, "random", "all", seqlen, "none", "random", seed, ids.numel())
+
+
+def _sharded(tmp_path, family="llama", **overrides):
+    model = make_tiny_model(family, 4, 2, layers=3, **overrides)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
+    return model, tmp_path / "dense"
+
+
+@pytest.mark.parametrize("method, options", [
+    ("slimgpt", {}),
+    ("slimgpt", {"inverse_update": "downdate"}),
+    ("wanda-sp", {}),
+    ("wanda-sp", {"sequential": True}),
+    ("llmbip", {"allocation": "global"}),
+    ("shortgpt", {}),
+])
+@pytest.mark.parametrize("tied", [False, True])
+def test_onloaded_pruning_equals_in_memory_pruning(tmp_path, method, options, tied):
+    model, directory = _sharded(tmp_path, tie_word_embeddings=tied)
+    calibration, evaluation = _windows(model.config.vocab_size, 1), _windows(model.config.vocab_size, 2, count=4)
+    result = prune(model, None, method, 0.3, calibration=calibration, evaluation=evaluation, progress=False,
+                   **options)
+    metrics = prune_onloaded(directory, method, tmp_path / "onloaded", 0.3, calibration=calibration,
+                             evaluation=evaluation, progress=False, **options)
+    for key in ("perplexity_before", "perplexity_after"):
+        assert metrics[key]["perplexity"] == result.metrics[key]["perplexity"]
+    assert metrics["parameters"] == result.metrics["parameters"]
+    loaded, _ = prunekit.load_pruned(tmp_path / "onloaded", with_tokenizer=False)
+    assert loaded.prunekit_plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
+    expected, actual = result.model.state_dict(), loaded.state_dict()
+    assert sorted(expected) == sorted(actual)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert len(list((tmp_path / "onloaded").glob("model-*-of-*.safetensors"))) == len(loaded.model.layers) + 2
+    assert not list(tmp_path.glob(".prunekit-edits-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_each_layer_is_read_once_by_the_method_and_once_by_the_writer(tmp_path):
+    model, directory = _sharded(tmp_path, tie_word_embeddings=False)
+    metrics = prune_onloaded(directory, "slimgpt", tmp_path / "out", 0.3,
+                             calibration=_windows(model.config.vocab_size, 1), progress=False)
+    reads = metrics["source_reads"]
+    stored = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    layer_bytes = sum(tensor.numel() * tensor.element_size() for name, tensor in model.state_dict().items()
+                      if ".layers." in name)
+    embedding = model.model.embed_tokens.weight
+    # layers: the method's walk and the writer; embedding: the capture and the writer; norm and head: the writer
+    assert reads["bytes_read"] == stored + layer_bytes + embedding.numel() * embedding.element_size()
+    assert reads["fewest_reads"] == 1 and reads["most_reads"] == 2
+
+
+def test_onloaded_perplexity_of_a_pruned_checkpoint_equals_the_loaded_model(tmp_path):
+    model, _ = _sharded(tmp_path)
+    result = prune(model, None, "wanda-sp", 0.3, calibration=_windows(model.config.vocab_size, 1), progress=False)
+    result.save(tmp_path / "pruned")
+    evaluation = _windows(model.config.vocab_size, 2, count=4)
+    onloaded, _, _ = open_onloaded(tmp_path / "pruned")
+    assert all(parameter.is_meta for parameter in onloaded.parameters())
+    assert perplexity(onloaded, evaluation, progress=False).perplexity == pytest.approx(
+        perplexity(result.model, evaluation, progress=False).perplexity, rel=1e-6)
+
+
+def test_a_shard_truncated_mid_run_is_one_line_and_leaves_nothing(tmp_path):
+    model, directory = _sharded(tmp_path)
+    index = prunekit.models.shards.ShardedCheckpoint(directory)
+    last_layer = index.files["model.layers.2.mlp.down_proj.weight"]
+    path = directory / last_layer
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PrunekitError, match=rf"shard .*{last_layer} cannot be (opened|read).*truncated") as error:
+        prune_onloaded(directory, "slimgpt", tmp_path / "out", 0.3,
+                       calibration=_windows(model.config.vocab_size, 1), progress=False)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".prunekit-edits-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_methods_and_models_that_cannot_be_onloaded_are_refused(tmp_path):
+    model, directory = _sharded(tmp_path)
+    calibration = _windows(model.config.vocab_size, 1)
+    with pytest.raises(PrunekitError, match="'blockpruner' cannot run on an onloaded model yet.*slimgpt"):
+        prune_onloaded(directory, "blockpruner", tmp_path / "out", blocks=1, calibration=calibration)
+    gemma = make_tiny_model("gemma3_text", 4, 1, layers=2)
+    gemma.save_pretrained(tmp_path / "gemma")
+    with pytest.raises(PrunekitError, match="gemma3_text keeps computed buffers.*--offload none"):
+        open_onloaded(tmp_path / "gemma")
+    prune(model, None, "wanda-sp", 0.3, calibration=calibration, progress=False).save(tmp_path / "pruned")
+    with pytest.raises(PrunekitError, match="is already pruned"):
+        prune_onloaded(tmp_path / "pruned", "slimgpt", tmp_path / "out", 0.3, calibration=calibration)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_offload_loads_whole_what_fits_and_onloads_the_rest(tmp_path):
+    model, directory = _sharded(tmp_path)
+    sizes = footprint(directory, torch.float32)
+    assert sizes.total == sum(t.numel() * 4 for t in model.state_dict().values())
+    assert sizes.largest_layer == sum(t.numel() * 4 for n, t in model.state_dict().items() if ".layers.0." in n)
+    cpu = torch.device("cpu")
+    assert choose_offload(directory, torch.float32, cpu, available=4 * sizes.total)[0] == "none"
+    mode, reason = choose_offload(directory, torch.float32, cpu, available=2 * sizes.onloaded)
+    assert mode == "disk" and "more than half" in reason
+    assert choose_offload(directory, torch.float32, cpu, "none", available=sizes.onloaded)[0] == "none"
+    with pytest.raises(PrunekitError, match=r"cannot fit even layer by layer: .* need [\d.]+ MiB in float32"):
+        choose_offload(directory, torch.float32, cpu, "disk", available=sizes.onloaded)
+    assert choose_offload(None, torch.float32, cpu)[0] == "none"
+    with pytest.raises(PrunekitError, match="--offload disk reads a local model directory"):
+        choose_offload(None, torch.float32, cpu, "disk")
+
+
+def test_cli_prune_and_eval_with_offload_disk(capsys, tmp_path, tiny_tokenizer):
+    directory = model_directory(make_tiny_model("llama"), tiny_tokenizer, tmp_path / "dense")
+    common = ["--calib", "sample", "--eval", "sample", "--calib-tokens", "512", "--seqlen", "64",
+              "--eval-tokens", "512", "--no-progress"]
+    code, out, err = run_cli(capsys, "prune", "--model", directory, "--method", "slimgpt", "--ratio", "0.2",
+                             "--out", tmp_path / "disk", "--offload", "disk", "--save-dtype", "bfloat16", *common)
+    assert code == 0, err
+    code, out_memory, err = run_cli(capsys, "prune", "--model", directory, "--method", "slimgpt", "--ratio", "0.2",
+                                    "--out", tmp_path / "memory", "--save-dtype", "bfloat16", *common)
+    assert code == 0 and "--offload auto: none (weights need" in err
+    def table(text):  # the before/after rows without the prune time
+        return [line.rsplit(None, 1)[0] for line in text.splitlines() if line.startswith(("dense", "slimgpt"))]
+
+    assert table(out) == table(out_memory) and len(table(out)) == 2
+    disk, _ = prunekit.load_pruned(tmp_path / "disk", dtype=torch.bfloat16, with_tokenizer=False)
+    memory, _ = prunekit.load_pruned(tmp_path / "memory", dtype=torch.bfloat16, with_tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(disk.state_dict().values(), memory.state_dict().values(),
+                                                strict=True))
+    reports = []
+    for offload in ("disk", "none"):
+        code, out, err = run_cli(capsys, "eval", "--model", tmp_path / "disk", "--ppl", "sample", "--seqlen", "64",
+                                 "--max-tokens", "512", "--offload", offload, "--no-progress")
+        assert code == 0, err
+        reports.append(out.splitlines()[2].split()[:2])
+    assert reports[0] == reports[1]
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "disk", "--tasks", "prunekit_lastword",
+                           "--offload", "disk", "--no-progress")
+    assert code == 2 and error_lines(err) == [
+        "prunekit: error: --tasks runs lm-eval on a model in memory; it cannot run with --offload disk"]
