@@ -198,7 +198,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         calibration, evaluation = _prune_windows(args, info, tokenizer, config)
         metrics = prune_onloaded(directory, info.name, args.out, args.ratio, args.ratio_of, calibration, evaluation,
                                  args.seed, not args.no_progress, args.blocks, dtype=parse_dtype(args.dtype),
-                                 device=args.device, save_dtype=save_dtype, overwrite=args.overwrite, **options)
+                                 device=args.device, save_dtype=save_dtype, overwrite=args.overwrite,
+                                 state_path=state_path, **options)
         plan_settings = info.configure(options).to_dict()
         plan_calibration = calibration.describe() if calibration is not None else {}
     else:

@@ -27,16 +27,18 @@ def _complete_scores(schedule):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_search_equals_plain_search(family):
-    """Prefix cache + early abandon change neither the schedule nor any completed score, in any family."""
+    """Prefix cache + early abandon, and the layer-major walk, change neither the schedule nor any completed
+    score, in any family."""
     model = peaked_model(family)
     windows = sampled_windows(model)
     runs = {mode: schedule_of("blockpruner", model, windows, blocks=4, search=mode)
-            for mode in ("fast", "prefix", "plain")}
+            for mode in ("fast", "prefix", "plain", "layer_major")}
     plain = runs["plain"]
-    for mode in ("fast", "prefix"):
+    for mode in ("fast", "prefix", "layer_major"):
         assert runs[mode]["order"] == plain["order"]
         assert runs[mode]["calibration_nll_sum"] == plain["calibration_nll_sum"]  # bit-identical
     assert runs["prefix"]["candidate_ppl"] == plain["candidate_ppl"]
+    assert runs["layer_major"]["candidate_ppl"] == plain["candidate_ppl"]  # every candidate, every score
     for fast_step, plain_step in zip(_complete_scores(runs["fast"]), _complete_scores(plain), strict=True):
         assert fast_step.items() <= plain_step.items()
     assert sum(runs["prefix"]["branch_executions"]) < sum(plain["branch_executions"])

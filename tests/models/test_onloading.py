@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from prunekit.evaluation.perplexity import perplexity
 from prunekit.methods.run import prune, prune_onloaded
 from prunekit.models.fit import choose_offload, footprint
 from prunekit.models.onloading import open_onloaded
+from prunekit.models.shards import ShardedCheckpoint
 from tests.conftest import error_lines, make_tiny_model, model_directory, run_cli
 
 
@@ -156,3 +159,37 @@ def test_cli_prune_and_eval_with_offload_disk(capsys, tmp_path, tiny_tokenizer):
                            "--offload", "disk", "--no-progress")
     assert code == 2 and error_lines(err) == [
         "prunekit: error: --tasks runs lm-eval on a model in memory; it cannot run with --offload disk"]
+
+
+@pytest.mark.parametrize("method, blocks", [("blockpruner", 3), ("sleb", 1)])
+def test_onloaded_depth_search_reads_each_layer_once_per_step(tmp_path, monkeypatch, method, blocks):
+    from tests.methods.depth_helpers import peaked_model, sampled_windows
+
+    model = peaked_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
+    windows = sampled_windows(model)
+    result = prune(model, None, method, blocks=blocks, calibration=windows, progress=False)
+    checkpoints = []
+    original_init = ShardedCheckpoint.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        checkpoints.append(self)
+
+    monkeypatch.setattr(ShardedCheckpoint, "__init__", recording_init)
+    prune_onloaded(tmp_path / "dense", method, tmp_path / "out", blocks=blocks, calibration=windows, progress=False)
+    name = f"{method}_schedule.json"
+    expected, onloaded = result.artifacts[name], json.loads((tmp_path / "out" / name).read_text())
+    assert onloaded["order"] == expected["order"] and onloaded["search"] == "layer_major"
+    assert onloaded["calibration_nll_sum"] == expected["calibration_nll_sum"]  # bit-identical
+    reads, steps = checkpoints[0].reads, len(onloaded["order"])
+    for index in range(3):
+        removed_at = [step for step, unit in enumerate(onloaded["order"], 1) if unit == ["layer", index]]
+        mlp_gone = [step for step, unit in enumerate(onloaded["order"], 1) if unit == ["mlp", index]]
+        attention_gone = [step for step, unit in enumerate(onloaded["order"], 1) if unit == ["attn", index]]
+        # a layer still runs in a step unless both its blocks were removed in earlier steps
+        gone = removed_at or ([max(mlp_gone[0], attention_gone[0])] if mlp_gone and attention_gone else [])
+        running_steps = steps if not gone else gone[0]
+        written = not removed_at
+        # the dense pass, one read in every step where it still runs, and the writer if the layer survives
+        assert reads[f"model.layers.{index}.mlp.up_proj.weight"] == 1 + running_steps + written

@@ -341,7 +341,9 @@ class LayerwiseRunner:
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:
     parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else default
+    if parameter is None or parameter.is_meta:  # an onloaded layer not read yet runs on the inputs' device
+        return default
+    return parameter.device
 
 
 def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:

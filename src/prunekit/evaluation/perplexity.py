@@ -123,6 +123,7 @@ def _result(nll_sum: float, windows: TokenWindows, dtype: torch.dtype, started: 
 def _onloaded_perplexity(model: nn.Module, windows: TokenWindows, batch_size: int, progress: bool) -> PerplexityResult:
     """The same protocol on a model whose weights are on disk: every window goes through one layer at a time
     (``LayerwiseRunner``), then through the final norm and the head, read last."""
+    from prunekit.calibration.branches import head_logits
     from prunekit.calibration.runner import LayerwiseRunner
     from prunekit.models.onloading import onloader_of
 
@@ -131,14 +132,11 @@ def _onloaded_perplexity(model: nn.Module, windows: TokenWindows, batch_size: in
     with LayerwiseRunner(model, onloader.adapter, windows, batch_size=batch_size, progress=progress) as runner:
         for index, _ in runner.layers():
             runner.advance(index)
-        head = model.get_input_embeddings() if onloader.adapter.tied_embeddings else model.get_output_embeddings()
-        dtype = head.weight.dtype
-        (weight,) = onloader.stored(head).values()  # read as stored, so a tied head's meta parameter stays shared
-        weight = weight.to(dtype)
-        with onloader.modules(model.model.norm):
+        dtype = model.get_output_embeddings().weight.dtype
+        with onloader.head():
             for rows in runner.batches():
                 batch = windows.input_ids[rows]
-                logits = F.linear(model.model.norm(runner.inputs.read(rows)), weight)
+                logits = head_logits(model, runner.inputs.read(rows))
                 sums = window_nll_sums(logits, batch.to(logits.device))
                 if not torch.isfinite(sums).all():
                     raise PrunekitError(f"non-finite loss in windows {rows.start}..{rows.stop - 1}; the model "

@@ -112,6 +112,7 @@ def prune_onloaded(
     device: torch.device | str = "cpu",
     save_dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    state_path: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`prune` for a model too large for memory: the layers of ``source`` (a safetensors model directory)
@@ -140,7 +141,8 @@ def prune_onloaded(
         if evaluation is not None:
             metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
         started = time.perf_counter()
-        outcome = spec(PruneContext(model, adapter, target, config, calibration, seed, progress))
+        outcome = spec(PruneContext(model, adapter, target, config, calibration, seed, progress,
+                                    Path(state_path) if state_path else None))
         plan = _recorded(outcome.plan, spec, config, seed, calibration)
 
         def after(staging: Path) -> dict[str, Any]:

@@ -15,15 +15,24 @@ from torch import nn
 from prunekit.data.windows import TokenWindows
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
+from prunekit.models.onloading import onloader_of
 
 
 def fingerprint(model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, identity: dict[str, Any]) -> str:
-    """SHA-256 of the settings that change the result, the model's shapes and weights, and the windows."""
+    """SHA-256 of the settings that change the result, the model's shapes and weights, and the windows.
+
+    An onloaded model's weights are on disk and are not read for this: its checkpoint's identity (tensor names,
+    shards, their sizes and modification times) stands in for them.
+    """
     digest = hashlib.sha256()
     header = {"identity": identity, "dense": adapter.describe(), "dtype": str(next(model.parameters()).dtype),
               "windows": list(windows.input_ids.shape)}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     digest.update(_tensor_bytes(windows.input_ids))
+    onloader = onloader_of(model)
+    if onloader is not None:
+        digest.update(onloader.checkpoint.identity().encode())
+        return digest.hexdigest()
     for name, parameter in model.named_parameters():
         digest.update(name.encode())
         digest.update(_tensor_bytes(parameter))

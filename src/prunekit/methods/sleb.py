@@ -33,7 +33,7 @@ class SLEBConfig(SearchConfig):
     keep_last: int = option(1, "never remove this many last alive layers (the spec's barrier)", minimum=0)
 
 
-@register("sleb", config=SLEBConfig, capabilities=Capabilities(DEPTH, resumable=True, nested=True),
+@register("sleb", config=SLEBConfig, capabilities=Capabilities(DEPTH, resumable=True, nested=True, onloading=True),
           description="greedy removal of whole layers by calibration loss, re-scored every round (Song et al. 2024)",
           calibration_tokens=4 * 2048, calibration_seqlen=2048)
 def sleb(context: PruneContext) -> MethodResult:

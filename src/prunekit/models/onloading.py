@@ -108,6 +108,23 @@ class Onloader:
             handle.remove()
             embedding.weight = meta_weight
 
+    @contextlib.contextmanager
+    def head(self) -> Iterator[None]:
+        """The final norm and the head for the duration of the block (scoring streams that left the last layer).
+
+        The head's matrix (the embedding's when tied) is read as stored and cast once to the model's dtype; the
+        head's meta parameter comes back afterwards, so a tied pair stays one parameter.
+        """
+        head = self.model.get_output_embeddings()
+        source = self.model.get_input_embeddings() if self.adapter.tied_embeddings else head
+        meta_weight = head.weight
+        head.weight = nn.Parameter(self.stored(source)["weight"].to(meta_weight.dtype), requires_grad=False)
+        try:
+            with self.modules(self.model.model.norm):
+                yield
+        finally:
+            head.weight = meta_weight
+
     def onload_layer(self, index: int) -> nn.Module:
         layer = self.model.model.layers[index]
         onload(layer, self.prefix(layer), self.checkpoint, self.device)

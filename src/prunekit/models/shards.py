@@ -74,6 +74,14 @@ class ShardedCheckpoint:
                 tensors[name] = tensor
         return tensors
 
+    def identity(self) -> str:
+        """Tensor names, shard files, sizes and modification times, as JSON: what identifies this copy of the
+        weights without reading them (a resumable search checks it before continuing)."""
+        files = sorted(set(self.files.values()))
+        stats = {file: [(self.directory / file).stat().st_size, (self.directory / file).stat().st_mtime_ns]
+                 for file in files if (self.directory / file).is_file()}
+        return json.dumps({"weight_map": self.files, "files": stats}, sort_keys=True)
+
     def read_summary(self) -> dict[str, int]:
         """What was read so far: bytes, and the fewest and most reads of any tensor (0 if one was never read)."""
         counts = [self.reads.get(name, 0) for name in self.files]

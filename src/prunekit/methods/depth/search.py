@@ -16,6 +16,7 @@ cache, ``"plain"`` none; all three give the same schedule (the tests compare the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 
+from prunekit.calibration.store import OFFLOAD_MODES
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import PruneContext
 from prunekit.methods.config import MethodConfig, option
+from prunekit.methods.depth.layer_major import layer_major_scores, layer_major_step
 from prunekit.methods.depth.report import counts_since, finite, schedule_artifact, step_line
 from prunekit.methods.depth.stack import BranchStack
 from prunekit.methods.depth.state import SearchState
@@ -35,11 +38,12 @@ from prunekit.methods.depth.step import ranked, ranking_of, run_step
 from prunekit.methods.depth.units import SELECT_MODES, StopRule, Unit, plan_from_units, removal_ratios
 from prunekit.methods.run_state import fingerprint
 from prunekit.models.adapters import ArchAdapter
+from prunekit.models.onloading import onloader_of
 from prunekit.structure.plan import PruningPlan
 
 log = logging.getLogger(__name__)
 
-SEARCH_MODES = ("fast", "prefix", "plain")
+SEARCH_MODES = ("fast", "prefix", "plain", "layer_major")
 ABANDON_BOUNDS = ("runner_up", "best")
 
 
@@ -51,8 +55,11 @@ class SearchConfig(MethodConfig):
                          "whose ratio is closest (closest, the spec's)", choices=SELECT_MODES)
     extra_steps: int = option(0, "search this many steps past the chosen count, for a longer nested schedule (the "
                               "extra units are not removed)", minimum=0)
-    search: str = option("fast", "fast (every exact speed-up), prefix (prefix cache only) or plain (each candidate "
-                         "from the embeddings); all give the same schedule", choices=SEARCH_MODES)
+    search: str = option("fast", "fast (every exact speed-up), prefix (prefix cache only), plain (each candidate "
+                         "from the embeddings) or layer_major (every candidate advanced through each layer while it is "
+                         "loaded once; the mode of --offload disk); all give the same schedule", choices=SEARCH_MODES)
+    streams: str = option("none", "layer_major: where the candidates' streams live: none (the compute device), cpu or "
+                          "disk", choices=OFFLOAD_MODES)
     batch_size: int = option(1, "calibration windows per forward pass", minimum=1)
     max_steps: int = option(0, "pause after this many new steps (needs a state file; rerun to continue); 0 runs to "
                             "the end", minimum=0)
@@ -75,13 +82,14 @@ class SearchOptions:
     max_steps: int
     screen_topk: int
     carry_mb: int
+    streams: str
 
     @classmethod
     def from_config(cls, config: SearchConfig, state_path: Path | None) -> SearchOptions:
         if config.max_steps and state_path is None:
             raise PrunekitError("max_steps pauses a search to resume later; it needs a state file (state_path)")
         return cls(config.search, config.abandon_bound, config.batch_size, state_path, config.max_steps,
-                   config.screen_topk, config.carry_mb)
+                   config.screen_topk, config.carry_mb, config.streams)
 
     @property
     def early_abandon(self) -> str | None:
@@ -98,8 +106,9 @@ class SearchOptions:
         return self.carry_mb if self.mode == "fast" else 0
 
     def describe(self) -> dict[str, Any]:
-        return {"search": self.mode, "abandon_bound": self.early_abandon, "batch_size": self.batch_size,
-                "screen_topk": self.screen, "carry_mb": self.carry}
+        described = {"search": self.mode, "abandon_bound": self.early_abandon, "batch_size": self.batch_size,
+                     "screen_topk": self.screen, "carry_mb": self.carry}
+        return {**described, "streams": self.streams} if self.mode == "layer_major" else described
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,11 @@ def greedy_search(context: PruneContext, search: DepthSearch) -> SearchOutcome:
     model, adapter, calibration = context.model, context.adapter, context.windows(search.method)
     rule = StopRule.from_target(context.target, config.select, config.extra_steps)
     options = SearchOptions.from_config(config, context.state_path)
+    if onloader_of(model) is not None and options.mode != "layer_major":
+        # Layers read from disk: a candidate-major search would read the whole model once per candidate.
+        log.info("%s: layers are onloaded, so the search runs layer-major (search=%s ignored)", search.method,
+                 options.mode)
+        options = dataclasses.replace(options, mode="layer_major")
     rule.check_reachable(adapter, search.largest, search.what)
     identity = {"method": search.method, "batch_size": options.batch_size, **search.identity}
     print_ = fingerprint(model, adapter, calibration, identity) if options.state_path else None
@@ -151,13 +165,15 @@ def greedy_search(context: PruneContext, search: DepthSearch) -> SearchOutcome:
 def _search_steps(model, adapter, calibration, search, rule, options, state, progress) -> None:
     """Build the stack for the state's removal set, score the dense model if new, then step until done."""
     started = time.perf_counter()
-    stack = BranchStack(model, adapter, calibration, options.batch_size, options.mode != "plain", progress,
-                        options.screen, options.carry)
+    layer_major = options.mode == "layer_major"
+    stack = BranchStack(model, adapter, calibration, options.batch_size, options.mode not in ("plain", "layer_major"),
+                        progress, options.screen, options.carry)
     units = state.units()
     stack.set_removed(point for unit in units for point in unit.points)
     if state.dense is None:
-        score = stack.score()
-        state.dense = {"nll_sum": score.nll_sum, "ppl": stack.ppl(score.nll_sum),
+        nll_sum = (layer_major_scores(stack, [], options.streams, progress, "dense")[0] if layer_major
+                   else stack.score().nll_sum)
+        state.dense = {"nll_sum": nll_sum, "ppl": stack.ppl(nll_sum),
                        "seconds": round(time.perf_counter() - started, 3), **counts_since(stack, {})}
         state.save()
     new_steps = 0
@@ -180,7 +196,9 @@ def _one_step(stack, adapter, search, options, state, units, eligible, progress)
     started, before = time.perf_counter(), dict(stack.counts)
     order = ranked(eligible, state.ranking() if options.mode == "fast" else None)
     step = len(state.steps) + 1
-    outcome = run_step(stack, order, options.early_abandon, progress, f"{search.method} step {step}")
+    desc = f"{search.method} step {step}"
+    outcome = (layer_major_step(stack, order, options.streams, progress, desc) if options.mode == "layer_major"
+               else run_step(stack, order, options.early_abandon, progress, desc))
     stack.set_removed(stack.removed | set(outcome.best.points))
     ratio_all, ratio_layers = removal_ratios(adapter, [*units, outcome.best])
     runner_ppl = stack.ppl(outcome.runner_up_sum) if outcome.runner_up_sum is not None else None
