@@ -6,6 +6,7 @@ Every user mistake ends with one line on stderr and exit status 2, never a trace
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {"models": _cmd_models, "eval": _cmd_eval, "bench": _cmd_bench, "methods": _cmd_methods,
                     "prune": _cmd_prune, "save": _cmd_save, "export": _cmd_export,
                     "compare": _cmd_compare, "recover": _cmd_recover}
+        _join_torchrun(args)
         with console_summaries():
             return handlers[args.command](args)
     except PrunekitError as error:
@@ -49,6 +51,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("prunekit: terminated", file=sys.stderr)
         return 143
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; only the first process prints and writes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.command != "prune":
+        raise PrunekitError(f"only 'prune' runs under torchrun (it splits search candidates and mask samples across "
+                            f"processes); run '{args.command}' as one process")
+    from prunekit.distributed import world
+
+    if not world(args.device).leader:
+        args.no_progress = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -176,6 +192,7 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
+    from prunekit.distributed import leader
     from prunekit.methods import method_info, prune
     from prunekit.methods.run import prune_onloaded
     from prunekit.models.loading import parse_dtype
@@ -210,8 +227,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                        **options)
         if save_dtype is not None:
             result.model.to(save_dtype)
-        result.save(args.out, overwrite=args.overwrite)
+        if leader():
+            result.save(args.out, overwrite=args.overwrite)
         metrics, plan_settings, plan_calibration = result.metrics, result.plan.settings, result.plan.calibration
+    if not leader():
+        return 0
     if state_path is not None:
         state_path.unlink(missing_ok=True)  # the checkpoint's artifacts (schedule, history) now hold what it held
     print(before_after_table(metrics, info.name))
@@ -244,6 +264,7 @@ def _prune_windows(args: argparse.Namespace, info, tokenizer, config):
 def _offload_directory(args: argparse.Namespace) -> Path | None:
     """The model directory to read layer by layer, when --offload (chosen or automatic) says so; None to load the
     model whole. The choice and its reason are printed when it was automatic."""
+    from prunekit.distributed import leader
     from prunekit.models.bundled import BUNDLED, ensure_converted
     from prunekit.models.fit import choose_offload
     from prunekit.models.loading import parse_device, parse_dtype
@@ -256,7 +277,7 @@ def _offload_directory(args: argparse.Namespace) -> Path | None:
     elif path.is_dir() and (path / "config.json").is_file():
         directory = path
     mode, reason = choose_offload(directory, parse_dtype(args.dtype), parse_device(args.device), args.offload)
-    if args.offload == "auto":
+    if args.offload == "auto" and leader():
         print(f"prunekit: --offload auto: {mode} ({reason})", file=sys.stderr)
     return directory if mode == "disk" else None
 

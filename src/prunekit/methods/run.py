@@ -119,6 +119,7 @@ def prune_onloaded(
     are read one at a time for the method, the perplexities and the materialisation, which writes the pruned
     checkpoint ``out`` shard by shard (``io.streamed``). ``save_dtype`` (default ``dtype``) is the checkpoint's.
     Returns the metrics, as saved in the checkpoint's manifest."""
+    from prunekit.distributed import leader
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.io.streamed import save_streamed
     from prunekit.models.loading import is_pruned_checkpoint
@@ -154,8 +155,9 @@ def prune_onloaded(
                 metrics["perplexity_after"] = perplexity(pruned, evaluation, progress=progress).to_dict()
             return {"metrics": metrics}
 
-        save_streamed(model.prunekit_onloader, plan, tokenizer, out, dtype=save_dtype, overwrite=overwrite,
-                      artifacts=outcome.artifacts, before_manifest=after, progress=progress)
+        if leader():  # under torchrun one process writes the checkpoint
+            save_streamed(model.prunekit_onloader, plan, tokenizer, out, dtype=save_dtype, overwrite=overwrite,
+                          artifacts=outcome.artifacts, before_manifest=after, progress=progress)
     finally:
         if edits is not None:
             edits.close()

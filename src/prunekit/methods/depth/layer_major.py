@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.calibration.store import ActivationStore
+from prunekit.distributed import split_map
 from prunekit.errors import PrunekitError
 from prunekit.methods.depth.stack import BranchStack, Score
 from prunekit.methods.depth.step import StepOutcome
@@ -63,7 +64,11 @@ def layer_major_scores(stack: BranchStack, units: Sequence[Unit], streams: str =
 def layer_major_step(stack: BranchStack, units: Sequence[Unit], streams: str = "none", progress: bool = False,
                      desc: str = "step") -> StepOutcome:
     """One greedy step scored layer-major: the minimum of (NLL sum, canonical key); every score is complete."""
-    _, scores = layer_major_scores(stack, units, streams, progress, desc)
+    def share_scores(share: Sequence[Unit]) -> list[Score]:
+        scores = layer_major_scores(stack, share, streams, progress, desc)[1]
+        return [scores[unit] for unit in share]
+
+    scores = dict(zip(units, split_map(share_scores, units), strict=True))  # candidates split under torchrun
     ordered = sorted(scores, key=lambda unit: (scores[unit].nll_sum, unit.key))
     if not ordered or not math.isfinite(scores[ordered[0]].nll_sum):
         raise PrunekitError("every candidate gives a non-finite calibration loss; the model diverges")

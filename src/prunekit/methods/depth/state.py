@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit._atomic import write_json_atomic
+from prunekit.distributed import leader
 from prunekit.methods.depth.units import Unit
 from prunekit.methods.run_state import read_state
 
@@ -55,7 +56,7 @@ class SearchState:
         return [Unit.from_label(label) for label in self.steps[-1]["ranking"]] if self.steps else None
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not leader():  # under torchrun one process keeps the state
             return
         body = {"format": STATE_FORMAT, "version": STATE_VERSION, "method": self.method,
                 "fingerprint": self.fingerprint, "dense": self.dense, "steps": self.steps,

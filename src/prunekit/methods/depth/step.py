@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from prunekit.distributed import split_map
 from prunekit.errors import PrunekitError
 from prunekit.methods.depth.stack import BranchStack, Score
 from prunekit.methods.depth.units import Unit
@@ -44,17 +45,14 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
              progress: bool = False, desc: str = "step") -> StepOutcome:
     """Score every unit of ``order``; the winner is the minimum of (NLL sum, canonical key) over all of them.
 
-    ``abandon_bound`` None scores every unit completely; otherwise see the module docstring (exactness).
+    ``abandon_bound`` None scores every unit completely; otherwise see the module docstring (exactness). Under
+    torchrun the units are split across the processes (``prunekit.distributed``), each abandoning against its own
+    best; the winner is the same, only abandoned candidates' partial sums may differ.
     """
-    complete: list[tuple[float, tuple[int, int], int]] = []  # sorted (sum, key, position) of complete units
-    scores: dict[Unit, Score] = {}
-    for position, unit in enumerate(tqdm(order, desc=desc, unit="cand", disable=not progress, leave=False)):
-        capture = ([guess.points[0] for guess in likely_winners(order, complete, stack.first_branch(unit))]
-                   if stack.carry_bytes else [])
-        score = stack.score(unit, _bound(complete, abandon_bound), capture)
-        scores[unit] = score
-        if score.complete:
-            bisect.insort(complete, (score.nll_sum, unit.key, position))
+    scores = dict(zip(order, split_map(lambda share: _score_units(stack, share, abandon_bound, progress, desc),
+                                       order), strict=True))
+    complete = sorted((score.nll_sum, unit.key, position) for position, (unit, score) in enumerate(scores.items())
+                      if score.complete)
     if not complete or not math.isfinite(complete[0][0]):
         raise PrunekitError("every candidate gives a non-finite calibration loss; the model diverges")
     best_sum, best = complete[0][0], order[complete[0][2]]
@@ -68,6 +66,21 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
         runner_sum = lowest_abandoned if math.isfinite(lowest_abandoned) else None
         exact = len(order) == 1
     return StepOutcome(best, best_sum, runner, runner_sum, exact, scores)
+
+
+def _score_units(stack: BranchStack, units: Sequence[Unit], abandon_bound: str | None, progress: bool,
+                 desc: str) -> list[Score]:
+    """Each unit's score in turn, abandoning against the best (or runner-up) complete sum seen so far."""
+    complete: list[tuple[float, tuple[int, int], int]] = []  # sorted (sum, key, position) of complete units
+    scores = []
+    for position, unit in enumerate(tqdm(units, desc=desc, unit="cand", disable=not progress, leave=False)):
+        capture = ([guess.points[0] for guess in likely_winners(units, complete, stack.first_branch(unit))]
+                   if stack.carry_bytes else [])
+        score = stack.score(unit, _bound(complete, abandon_bound), capture)
+        scores.append(score)
+        if score.complete:
+            bisect.insort(complete, (score.nll_sum, unit.key, position))
+    return scores
 
 
 def likely_winners(order: Sequence[Unit], complete: list[tuple[float, tuple[int, int], int]], after: int,

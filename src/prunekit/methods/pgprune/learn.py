@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prunekit.distributed import split_map
 from prunekit.errors import PrunekitError
 from prunekit.methods.pgprune.estimator import (
     EstimatorSettings,
@@ -111,7 +112,10 @@ def _one_step(policy: Policy, forwards: SampleForwards, stream: BatchStream, set
     """Sample, measure, update, project (spec section 2, steps 1-6); the step's record for the history."""
     generator = generator_for(settings.seed, 0, state.step)
     masks = [policy.sample(generator) for _ in range(settings.samples)]
-    losses, masks = finite_samples(forwards.losses(stream.batch(state.step), masks), masks)
+    batch = stream.batch(state.step)
+    # Under torchrun each process computes a contiguous share of the K losses (every process drew the same masks).
+    losses, masks = finite_samples(split_map(lambda share: forwards.losses(batch, share), masks, strided=False),
+                                   masks)
     rates = {kind: cosine_rate(rate, state.step, settings.steps) for kind, rate in settings.rates.items()}
     record = {"step": state.step + 1, "samples": len(losses), "rates": rates}
     if len(losses) < 2:  # too few finite samples: no update this step (released behaviour)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prunekit._atomic import write_json_atomic
+from prunekit.distributed import leader
 from prunekit.methods.run_state import read_state
 
 STATE_FORMAT, STATE_VERSION = "prunekit-pgprune-state", 1
@@ -37,7 +38,7 @@ class LearningState:
     resumed_at: list[int] = field(default_factory=list)
 
     def save(self, path: Path | None, fingerprint: str) -> None:
-        if path is None:
+        if path is None or not leader():  # under torchrun one process keeps the state
             return
         body = {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint, "step": self.step,
                 "baseline": self.baseline, "seconds": self.seconds, "resumed_at": self.resumed_at,

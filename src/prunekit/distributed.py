@@ -1,0 +1,115 @@
+"""Several processes on one search, through torch.distributed (launched by ``torchrun``).
+
+``torchrun --nproc_per_node N -m prunekit.cli prune ...`` starts N copies of the command with ``RANK`` /
+``WORLD_SIZE`` / ``MASTER_ADDR`` set; :func:`world` joins them into one process group (gloo on the CPU, NCCL when
+the command runs on CUDA, each rank on its own GPU). Every rank loads the model and the calibration windows and
+follows the same control flow; only the expensive independent pieces are split:
+
+- the candidates of a greedy depth step (BlockPruner, SLEB): each rank scores every N-th candidate of the step's
+  order, the scores are gathered, and every rank picks the same winner;
+- the K mask samples of a policy-gradient step: every rank draws the same K masks (same seeds), computes the
+  losses of its contiguous share, and the losses are gathered in sample order.
+
+Results equal the one-process ones: the winner of a step is the minimum over all candidates whatever the split
+(a candidate abandoned by its rank's early-abandon bound has a sum above that rank's best complete sum, so it
+cannot be the minimum), and each mask's loss is computed by the same forward. Only rank 0 writes files (the
+checkpoint, the search state, reports) and prints; the others finish without output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from prunekit.errors import PrunekitError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def world(device: torch.device | str | None = None) -> World:
+    """This process's place in the process group, joining it on first use when launched by torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    if not dist.is_available():
+        raise PrunekitError("this torch build has no torch.distributed; run one process")
+    if not dist.is_initialized():
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except (RuntimeError, ValueError) as error:
+            raise PrunekitError(f"cannot join the torchrun process group ({str(error).splitlines()[0]})") from None
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def _gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(gathered, value)
+    except RuntimeError as error:
+        raise PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no "
+                            "output was written; rerun the command (resumable searches continue from their state)"
+                            ) from None
+    return gathered
+
+
+def split_map(function: Callable[[Sequence[T]], list[R]], items: Sequence[T], strided: bool = True) -> list[R]:
+    """``function(items)`` computed with the items split across the processes, results in the items' order.
+
+    ``strided``: rank r takes items r, r + N, ... (balances a ranking whose costly items come first); otherwise
+    contiguous shares. One process: ``function(items)`` itself.
+    """
+    here = world()
+    if not here.active:
+        return function(items)
+    positions = list(range(len(items)))
+    share = positions[here.rank::here.size] if strided else _contiguous(positions, here)
+    results = function([items[position] for position in share])
+    if len(results) != len(share):
+        raise PrunekitError("a distributed share returned the wrong number of results")
+    merged: dict[int, R] = {}
+    for shares, values in _gather((share, results)):
+        merged.update(zip(shares, values, strict=True))
+    return [merged[position] for position in positions]
+
+
+def _contiguous(positions: list[int], here: World) -> list[int]:
+    size, extra = divmod(len(positions), here.size)
+    start = here.rank * size + min(here.rank, extra)
+    return positions[start:start + size + (here.rank < extra)]
+
+
+def leader() -> bool:
+    """Whether this process writes files and prints (always, without torchrun)."""
+    return world().leader
+
+
+def barrier() -> None:
+    if world().active:
+        import torch.distributed as dist
+
+        dist.barrier()
