@@ -192,7 +192,7 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from prunekit.data.corpora import check_source
-    from prunekit.distributed import leader
+    from prunekit.distributed import leader, world
     from prunekit.methods import method_info, prune
     from prunekit.methods.run import prune_onloaded
     from prunekit.models.loading import parse_dtype
@@ -209,6 +209,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     for source in [args.calib] + ([] if args.no_eval else [args.eval]):
         check_source(source)
     save_dtype = parse_dtype(args.save_dtype) if args.save_dtype else None
+    here = world()
+    if here.active and here.leader and not info.capabilities.distributed:
+        print(f"prunekit: note: '{info.name}' does not split its work across torchrun processes yet; each of the "
+              f"{here.size} computes the same result", file=sys.stderr)
     directory = _offload_directory(args)
     if directory is not None:
         tokenizer, config = _tokenizer_and_config(directory, args.model)

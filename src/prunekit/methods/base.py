@@ -82,6 +82,7 @@ class Capabilities:
     resumable: bool = False  # keeps its progress in a state file and continues from it when rerun
     nested: bool = False  # the result at K removals contains every smaller K (one search serves many targets)
     onloading: bool = False  # runs on a model whose layers are read from disk one at a time (--offload disk)
+    distributed: bool = False  # splits its work across torchrun processes (prunekit.distributed)
 
     def __post_init__(self) -> None:
         if self.kind not in (WIDTH, DEPTH):

@@ -42,7 +42,8 @@ class BlockPrunerConfig(SearchConfig):
 
 
 @register("blockpruner", config=BlockPrunerConfig,
-          capabilities=Capabilities(DEPTH, resumable=True, nested=True, onloading=True),
+          capabilities=Capabilities(DEPTH, resumable=True, nested=True, onloading=True,
+                                       distributed=True),
           description="greedy removal of attention / MLP sub-blocks by calibration perplexity (Zhong et al. 2024)",
           calibration_tokens=4 * 2048, calibration_seqlen=2048)
 def blockpruner(context: PruneContext) -> MethodResult:

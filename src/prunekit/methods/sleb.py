@@ -33,7 +33,8 @@ class SLEBConfig(SearchConfig):
     keep_last: int = option(1, "never remove this many last alive layers (the spec's barrier)", minimum=0)
 
 
-@register("sleb", config=SLEBConfig, capabilities=Capabilities(DEPTH, resumable=True, nested=True, onloading=True),
+@register("sleb", config=SLEBConfig, capabilities=Capabilities(DEPTH, resumable=True, nested=True, onloading=True,
+                                       distributed=True),
           description="greedy removal of whole layers by calibration loss, re-scored every round (Song et al. 2024)",
           calibration_tokens=4 * 2048, calibration_seqlen=2048)
 def sleb(context: PruneContext) -> MethodResult:

@@ -83,7 +83,7 @@ class PGPruneConfig(MethodConfig):
                                    "continues", minimum=1)
 
 
-@register("pgprune", config=PGPruneConfig, capabilities=Capabilities(WIDTH, resumable=True),
+@register("pgprune", config=PGPruneConfig, capabilities=Capabilities(WIDTH, resumable=True, distributed=True),
           description="policy-gradient mask learning (Gao et al.): forward-only REINFORCE over Bernoulli keep-"
           "probabilities of KV groups, channels (and layers) under global budgets; uneven layers",
           calibration_tokens=2048 * 128, calibration_seqlen=128)
