@@ -70,6 +70,24 @@ def test_two_gloo_processes_give_the_one_process_result(tmp_path, model_dir, met
     assert not list(tmp_path.glob("*-state.json"))
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("slimgpt", []),
+    ("wanda-sp", []),
+    ("flap", []),
+    ("llmbip", ["--option", "allocation=global"]),
+])
+def test_layer_wise_methods_split_the_windows_and_combine_their_statistics(tmp_path, model_dir, method, extra):
+    argv = ["--model", model_dir, "--method", method, "--ratio", "0.2", "--calib-tokens", "2048", *extra, *COMMON]
+    _prune(1, *argv, "--out", tmp_path / "one")
+    _prune(2, *argv, "--out", tmp_path / "two")
+    plans = [json.loads((tmp_path / run / "prunekit.json").read_text())["plan"]["layers"] for run in ("one", "two")]
+    assert plans[0] == plans[1]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    # the statistics are summed in another order (per process, then across): equal up to that rounding
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+
+
 def test_a_process_that_dies_is_one_line_and_writes_nothing(tmp_path, model_dir):
     # A sitecustomize hook ends the second process abruptly a few seconds in, mid-search.
     hook = tmp_path / "hook" / "sitecustomize.py"

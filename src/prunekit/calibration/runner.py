@@ -43,6 +43,7 @@ from prunekit.calibration.capture import capture_layer_inputs
 from prunekit.calibration.statistics import HESSIAN, InputStatistics, input_statistics
 from prunekit.calibration.store import ActivationStore, check_offload
 from prunekit.data.windows import TokenWindows
+from prunekit.distributed import world
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
 from prunekit.models.onloading import onloader_of
@@ -63,8 +64,14 @@ class LayerwiseRunner:
         offload: str = "none",
         offload_dir: str | Path | None = None,
         progress: bool = True,
+        split_windows: bool = False,
     ):
         input_ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
+        # Under torchrun, split_windows gives each process a contiguous share of the windows; the statistics of
+        # every pass are then combined across processes before the caller sees them.
+        self.split = split_windows and world().active
+        if self.split:
+            input_ids = _share_of(input_ids)
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise PrunekitError(
                 "calibration windows must be a non-empty [n, seqlen] tensor, got "
@@ -170,7 +177,7 @@ class LayerwiseRunner:
                 middle = attention_branch(self.adapter, layer, self.inputs.read(rows), context)
                 if stop_after == "mlp":
                     mlp_branch(self.adapter, layer, middle)
-        _check_seen(statistics)
+        self._combine(statistics)
         return statistics
 
     @torch.no_grad()
@@ -201,8 +208,15 @@ class LayerwiseRunner:
                 self.close()  # inputs are half overwritten: nothing valid is left to continue from
                 raise
         self._position = index + 1
-        _check_seen(statistics)
+        self._combine(statistics)
         return statistics
+
+    def _combine(self, statistics: Mapping[str, InputStatistics]) -> None:
+        """Statistics of all windows: this process's, combined with the others' under torchrun."""
+        if self.split:
+            for stats in statistics.values():
+                stats.reduce_across_processes()
+        _check_seen(statistics)
 
     # -- one branch at a time ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,7 +261,7 @@ class LayerwiseRunner:
             raise
         finally:
             handle.remove()
-        _check_seen(statistics)
+        self._combine(statistics)
         self._kept = (index, branch, kept[0], self._branch_fingerprint(layer, branch))
         return statistics
 
@@ -349,6 +363,16 @@ def _device_of(module: nn.Module, default: torch.device) -> torch.device:
 def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
     """Decoder layers return a tensor in transformers 5; older releases returned a tuple."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def _share_of(input_ids: torch.Tensor) -> torch.Tensor:
+    here = world()
+    if input_ids.shape[0] < here.size:
+        raise PrunekitError(f"{input_ids.shape[0]} calibration windows cannot be split across {here.size} processes; "
+                            "give more calibration tokens")
+    size, extra = divmod(input_ids.shape[0], here.size)
+    start = here.rank * size + min(here.rank, extra)
+    return input_ids[start:start + size + (here.rank < extra)]
 
 
 def _check_seen(statistics: Mapping[str, InputStatistics]) -> None:

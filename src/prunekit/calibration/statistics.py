@@ -85,6 +85,43 @@ class InputStatistics:
         self._mean += delta * (count / total)
         self._m2 += batch_m2 + delta * delta * (self.tokens * count / total)
 
+    def reduce_across_processes(self) -> None:
+        """Combine this process's statistics with the other torchrun processes' (each saw its share of the
+        windows): sums are all-reduced, means and variances merged in rank order (Chan). Equal to one process's
+        statistics up to the order of the floating-point additions."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([self.tokens, self.sequences], dtype=torch.float64, device=self._device())
+        if self._mean is not None:
+            parts = [torch.empty(2 * self.features + 1, dtype=torch.float64, device=self._mean.device)
+                     for _ in range(dist.get_world_size())]
+            mine = torch.cat([counts[:1], self._mean, self._m2])
+            dist.all_gather(parts, mine)
+            self.tokens = 0
+            self._mean.zero_()
+            self._m2.zero_()
+            for part in parts:
+                self._merge_summary(int(part[0]), part[1:1 + self.features], part[1 + self.features:])
+        for tensor in (self.xtx, self.square_sum, self.abs_sum):
+            if tensor is not None:
+                dist.all_reduce(tensor)
+        dist.all_reduce(counts)
+        self.tokens, self.sequences = int(counts[0]), int(counts[1])
+
+    def _merge_summary(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan's merge of a (count, mean, M2) summary into the running one."""
+        if count == 0:
+            return
+        total = self.tokens + count
+        delta = mean - self._mean
+        self._mean += delta * (count / total)
+        self._m2 += m2 + delta * delta * (self.tokens * count / total)
+        self.tokens = total
+
+    def _device(self) -> torch.device:
+        present = [t for t in (self.xtx, self.square_sum, self._mean, self.abs_sum) if t is not None]
+        return present[0].device
+
     @staticmethod
     def _centred_squares(x: torch.Tensor, mean: torch.Tensor, elements: int = 1 << 24) -> torch.Tensor:
         """Σ (x - mean)² per feature in float64, in row chunks so a large batch is never copied whole to float64."""

@@ -56,7 +56,7 @@ class FLAPConfig(WidthConfig):
     batch_size: int = option(8, "calibration windows per forward pass", minimum=1)
 
 
-@register("flap", config=FLAPConfig, capabilities=Capabilities(WIDTH, edits_weights=True),
+@register("flap", config=FLAPConfig, capabilities=Capabilities(WIDTH, edits_weights=True, distributed=True),
           description="fluctuation of each o_proj / down_proj input column, standardised, ranked across layers, "
           "with bias compensation (An et al. 2024)", calibration_tokens=1024 * 128, calibration_seqlen=128)
 def flap(context: PruneContext) -> MethodResult:

@@ -67,7 +67,7 @@ class LLMBIPConfig(WidthConfig):
                                 f"allocation={self.allocation}")
 
 
-@register("llmbip", config=LLMBIPConfig, capabilities=Capabilities(WIDTH, onloading=True),
+@register("llmbip", config=LLMBIPConfig, capabilities=Capabilities(WIDTH, onloading=True, distributed=True),
           description=f"{LABEL}: block-wise forward importance propagation of heads and channels, one pass",
           calibration_tokens=64 * 512, calibration_seqlen=512)
 def llmbip(context: PruneContext) -> MethodResult:

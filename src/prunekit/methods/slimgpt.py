@@ -94,7 +94,8 @@ class SlimGPTConfig(MethodConfig):
 
 
 @register("slimgpt", config=SlimGPTConfig, description="OBS layer-wise pruning of heads and channels with "
-          "compensation (Ling et al. 2024)", capabilities=Capabilities("width", edits_weights=True, onloading=True))
+          "compensation (Ling et al. 2024)", capabilities=Capabilities("width", edits_weights=True, onloading=True,
+                                                                          distributed=True))
 def slimgpt(context: PruneContext) -> MethodResult:
     """Prune the o_proj / down_proj inputs in place (compensated, dense shapes) and return the plan."""
     config: SlimGPTConfig = context.config
@@ -104,7 +105,7 @@ def slimgpt(context: PruneContext) -> MethodResult:
     plan = PruningPlan.keep_all(adapter)
     report: list[dict[str, Any]] = []
     with LayerwiseRunner(context.model, adapter, context.windows("slimgpt"), batch_size=config.batch_size,
-                         offload=config.offload, progress=context.progress) as runner:
+                         offload=config.offload, progress=context.progress, split_windows=True) as runner:
         for index, layer in runner.layers():
             counts = layer_counts(ratios[index], adapter, attention_unit, config.match_parameters)
             entry: dict[str, Any] = {"layer": index, "ratio": round(ratios[index], 5)}

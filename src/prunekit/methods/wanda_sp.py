@@ -51,7 +51,7 @@ class WandaSPConfig(WidthConfig):
                                 "layer-sequential scoring cannot; add sequential=false")
 
 
-@register("wanda-sp", config=WandaSPConfig, capabilities=Capabilities(WIDTH, onloading=True),
+@register("wanda-sp", config=WandaSPConfig, capabilities=Capabilities(WIDTH, onloading=True, distributed=True),
           description="structured Wanda: mean |W| of each o_proj / down_proj column times its input norm, "
           "layer-sequential, uniform per layer (FLAP's baseline)", calibration_tokens=128 * 128,
           calibration_seqlen=128)

@@ -102,9 +102,11 @@ def check_allocation(context: PruneContext) -> None:
         per_layer_counts(adapter, ratio, config.allocation, unit, config.match_parameters)
 
 
-def _runner(context: PruneContext, method: str, batch_size: int) -> LayerwiseRunner:
+def _runner(context: PruneContext, method: str, batch_size: int, split_windows: bool) -> LayerwiseRunner:
+    """``split_windows``: under torchrun each process takes a share of the windows (only when every statistic the
+    scorer uses comes from the runner, which combines them across processes)."""
     return LayerwiseRunner(context.model, context.adapter, context.windows(method), batch_size=batch_size,
-                           progress=context.progress)
+                           progress=context.progress, split_windows=split_windows)
 
 
 def dense_scores(context: PruneContext, method: str, kinds: Iterable[str], scorer: Scorer, *, batch_size: int = 8,
@@ -112,7 +114,7 @@ def dense_scores(context: PruneContext, method: str, kinds: Iterable[str], score
     """Every layer's scores from one pass of the dense model (see the module docstring)."""
     heads, channels = [], []
     check_allocation(context)
-    with _runner(context, method, batch_size) as runner:
+    with _runner(context, method, batch_size, layer_hooks is None) as runner:
         for index, layer in runner.layers():
             with layer_hooks(index, layer) if layer_hooks else nullcontext():
                 statistics = runner.advance(index, output_linears(context.adapter, layer), kinds)
@@ -130,7 +132,8 @@ def sequential_plan(context: PruneContext, method: str, config: WidthConfig, kin
     counts = per_layer_counts(adapter, context.target.layer_linear_ratio(adapter), config.allocation, unit,
                               config.match_parameters)
     plan = PruningPlan.keep_all(adapter)
-    with _runner(context, method, batch_size) as runner, MaskedForward(context.model, adapter) as masked:
+    with _runner(context, method, batch_size, layer_hooks is None) as runner, \
+            MaskedForward(context.model, adapter) as masked:
         for index, layer in runner.layers():
             with layer_hooks(index, layer) if layer_hooks else nullcontext():
                 statistics = runner.collect_keeping_attention(index, output_linears(adapter, layer), kinds)
