@@ -287,20 +287,14 @@ def _offload_directory(args: argparse.Namespace) -> Path | None:
 
 
 def _tokenizer_and_config(directory: Path, model_name):
-    from transformers import AutoConfig
+    from prunekit.io.checkpoint import read_tokenizer
+    from prunekit.models.onloading import dense_config
 
-    from prunekit.io.checkpoint import _tokenizer
-    from prunekit.models.loading import is_pruned_checkpoint
-
-    tokenizer = _tokenizer(directory)
+    tokenizer = read_tokenizer(directory)
     if tokenizer is None:
         raise PrunekitError(f"{model_name} has no tokenizer files, which this command needs; save the model with its "
                             "tokenizer")
-    if is_pruned_checkpoint(directory):
-        from prunekit.io.checkpoint import _base_config
-
-        return tokenizer, AutoConfig.for_model(**_base_config(directory / "config.json"))
-    return tokenizer, AutoConfig.from_pretrained(directory, local_files_only=True)
+    return tokenizer, dense_config(directory)
 
 
 def _prune_target(args: argparse.Namespace, info, options: dict[str, str]) -> Path | None:

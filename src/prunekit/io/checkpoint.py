@@ -125,7 +125,7 @@ def load_pruned(
     if not isinstance(manifest.get("plan"), dict):
         raise PrunekitError(f"{directory / MANIFEST_NAME} holds no 'plan'; the checkpoint is incomplete or damaged")
     plan = PruningPlan.from_dict(manifest["plan"])
-    base = _base_config(directory / "config.json")
+    base = read_base_config(directory / "config.json")
     if verify:
         _verify_digest(directory, manifest)
     config = AutoConfig.for_model(base.pop("model_type"), **base)
@@ -136,11 +136,11 @@ def load_pruned(
     model = model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
-        tokenizer = _tokenizer(directory)
+        tokenizer = read_tokenizer(directory)
     return model, tokenizer
 
 
-def _tokenizer(directory: Path) -> Any:
+def read_tokenizer(directory: Path) -> Any:
     """The checkpoint's tokenizer, or None when it was saved without one (``save_pruned(model, None, ...)``)."""
     from transformers import AutoTokenizer
 
@@ -156,7 +156,7 @@ def _tokenizer(directory: Path) -> Any:
                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
-def _base_config(path: Path) -> dict[str, Any]:
+def read_base_config(path: Path) -> dict[str, Any]:
     """The dense config wrapped in a checkpoint's config.json; one-line errors for a missing or damaged file."""
     if not path.is_file():
         raise PrunekitError(f"{path} is missing; the checkpoint is incomplete")

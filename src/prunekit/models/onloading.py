@@ -160,10 +160,6 @@ def check_onloadable(model: nn.Module) -> None:
     if lost:
         raise PrunekitError(f"{model.config.model_type} keeps computed buffers ({lost[0]}) that layer-by-layer "
                             "onloading cannot rebuild; use --offload none")
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        raise PrunekitError(f"{model.config.model_type} caps its logits, which onloaded evaluation does not do; "
-                            "use --offload none")
 
 
 def open_onloaded(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -171,28 +167,35 @@ def open_onloaded(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     """A model of ``path`` (a Hugging Face directory with safetensors weights, or a prunekit checkpoint) built on
     the meta device with an :class:`Onloader` attached; returns it, the dense architecture's adapter and the
     tokenizer (None when the directory has none)."""
-    from transformers import AutoConfig
-
-    from prunekit.io.checkpoint import _base_config, _tokenizer, read_manifest
+    from prunekit.io.checkpoint import read_manifest, read_tokenizer
     from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import is_pruned_checkpoint
     from prunekit.structure.materialize import apply_plan
     from prunekit.structure.plan import PruningPlan
 
     directory = Path(path).expanduser()
-    if not directory.is_dir() or not (directory / "config.json").is_file():
-        raise PrunekitError(f"--offload disk reads a local model directory with config.json and safetensors "
-                            f"weights; {directory} is not one (save the model with save_pretrained first)")
     checkpoint = ShardedCheckpoint(directory)
-    if is_pruned_checkpoint(directory):
-        base = _base_config(directory / "config.json")
-        config = AutoConfig.for_model(base.pop("model_type"), **base)
-    else:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    family_spec(config.model_type)
-    model = empty_model(config, dtype)
+    model = empty_model(dense_config(directory), dtype)
     adapter = adapter_for(model)
     if is_pruned_checkpoint(directory):
         apply_plan(model, PruningPlan.from_dict(read_manifest(directory)["plan"]), edited_weights=True)
     Onloader(model, checkpoint, device, edits, adapter)
-    return model, adapter, _tokenizer(directory)
+    return model, adapter, read_tokenizer(directory)
+
+
+def dense_config(directory: Path) -> Any:
+    """The dense model's config of a model directory or of a prunekit checkpoint (which wraps it)."""
+    from transformers import AutoConfig
+
+    from prunekit.io.checkpoint import read_base_config
+    from prunekit.models.loading import is_pruned_checkpoint
+
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise PrunekitError(f"--offload disk reads a local model directory with config.json and safetensors "
+                            f"weights; {directory} is not one (save the model with save_pretrained first)")
+    if is_pruned_checkpoint(directory):
+        config = AutoConfig.for_model(**read_base_config(directory / "config.json"))
+    else:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    family_spec(config.model_type)
+    return config
