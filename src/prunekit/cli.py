@@ -267,7 +267,7 @@ def _prune_windows(args: argparse.Namespace, info, tokenizer, config):
 
 def _offload_directory(args: argparse.Namespace) -> Path | None:
     """The model directory to read layer by layer, when --offload (chosen or automatic) says so; None to load the
-    model whole. The choice and its reason are printed when it was automatic."""
+    model whole. An automatic choice of disk is printed with its reason."""
     from prunekit.distributed import leader
     from prunekit.models.bundled import BUNDLED, ensure_converted
     from prunekit.models.fit import choose_offload
@@ -281,7 +281,7 @@ def _offload_directory(args: argparse.Namespace) -> Path | None:
     elif path.is_dir() and (path / "config.json").is_file():
         directory = path
     mode, reason = choose_offload(directory, parse_dtype(args.dtype), parse_device(args.device), args.offload)
-    if args.offload == "auto" and leader():
+    if args.offload == "auto" and mode == "disk" and leader():  # loading whole is the unsurprising case
         print(f"prunekit: --offload auto: {mode} ({reason})", file=sys.stderr)
     return directory if mode == "disk" else None
 

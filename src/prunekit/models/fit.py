@@ -93,11 +93,16 @@ def choose_offload(directory: str | Path | None, dtype: torch.dtype, device: tor
             raise PrunekitError("--offload disk reads a local model directory with safetensors weights; save the "
                                 "model with save_pretrained first")
         return "none", "the model is not a local safetensors directory"
-    sizes = footprint(directory, dtype)
-    free = available_bytes(device) if available is None else available
-    label = str(dtype).removeprefix("torch.")
     if requested == "none":
         return "none", "asked for"
+    try:
+        sizes = footprint(directory, dtype)
+    except PrunekitError:
+        if requested == "disk":
+            raise
+        return "none", "no readable safetensors weights to onload (the loader says what is wrong)"
+    free = available_bytes(device) if available is None else available
+    label = str(dtype).removeprefix("torch.")
     if sizes.onloaded * HEADROOM > free:
         raise PrunekitError(f"the model cannot fit even layer by layer: its largest layer and embeddings need "
                             f"{_gb(sizes.onloaded)} in {label} (twice that with working memory), {_gb(free)} is "
