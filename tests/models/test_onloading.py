@@ -37,6 +37,7 @@ def _sharded(tmp_path, family="llama", **overrides):
     ("wanda-sp", {}),
     ("wanda-sp", {"sequential": True}),
     ("llmbip", {"allocation": "global"}),
+    ("flap", {}),
     ("shortgpt", {}),
 ])
 @pytest.mark.parametrize("tied", [False, True])
@@ -101,7 +102,7 @@ def test_a_shard_truncated_mid_run_is_one_line_and_leaves_nothing(tmp_path):
 def test_methods_and_models_that_cannot_be_onloaded_are_refused(tmp_path):
     model, directory = _sharded(tmp_path)
     calibration = _windows(model.config.vocab_size, 1)
-    for method in ("flap", "magnitude", "taylor", "pgprune"):
+    for method in ("magnitude", "taylor", "pgprune"):
         with pytest.raises(PrunekitError, match=f"'{method}' cannot run on an onloaded model yet.*blockpruner"):
             prune_onloaded(directory, method, tmp_path / "out", 0.2, calibration=calibration)
     gemma = make_tiny_model("gemma3_text", 4, 1, layers=2)

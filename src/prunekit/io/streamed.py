@@ -29,7 +29,7 @@ from prunekit.io.checkpoint import write_checkpoint_files
 from prunekit.models.adapters import adapter_for
 from prunekit.models.onloading import EditStore, Onloader
 from prunekit.models.shards import INDEX_NAME, offload, onload
-from prunekit.structure.materialize import finish_structure, materialize_layer
+from prunekit.structure.materialize import add_biases, finish_structure, materialize_layer
 from prunekit.structure.plan import PruningPlan
 
 # Called with the staging directory once the weights and config are written; returns what the manifest adds
@@ -87,7 +87,7 @@ def save_streamed(onloader: Onloader, plan: PruningPlan, tokenizer: Any, directo
         layers = adapter.decoder_layers(model)
         for position, index in enumerate(tqdm(surviving, desc="writing pruned layers", disable=not progress)):
             layer = layers[index]
-            _onload_edited(onloader, index, layer)
+            _onload_edited(onloader, index, layer, plan)
             materialize_layer(layer, plan.layers[index], adapter, plan.added_biases)
             writer.write({f"model.layers.{position}.{name}": tensor for name, tensor in layer.state_dict().items()})
             offload(layer)  # back to the meta device, keeping the sliced shapes for the config
@@ -112,12 +112,14 @@ def _write_modules(writer: ShardWriter, onloader: Onloader, modules: list[nn.Mod
     writer.write(onloader.checkpoint.read(names))
 
 
-def _onload_edited(onloader: Onloader, index: int, layer: nn.Module) -> None:
-    """Layer ``index`` from the checkpoint, with the tensors the method edited in place of the stored ones."""
+def _onload_edited(onloader: Onloader, index: int, layer: nn.Module, plan: PruningPlan) -> None:
+    """Layer ``index`` from the checkpoint, with the tensors the method edited (or added: FLAP's biases) in place
+    of the stored ones."""
     onload(layer, onloader.prefix(layer), onloader.checkpoint, onloader.device)
     edits: EditStore | None = onloader.edits
     if edits is None:
         return
+    add_biases(layer, plan.layers[index], onloader.adapter, plan.added_biases)  # zeros, overwritten below
     targets = layer.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in edits.load(index).items():

@@ -41,6 +41,7 @@ from prunekit.methods.width import (
     removed_columns,
 )
 from prunekit.models.adapters import ArchAdapter
+from prunekit.models.onloading import each_layer
 from prunekit.structure.plan import PruningPlan
 
 METRICS = ("WIFV", "IFV", "WIFN")
@@ -56,7 +57,8 @@ class FLAPConfig(WidthConfig):
     batch_size: int = option(8, "calibration windows per forward pass", minimum=1)
 
 
-@register("flap", config=FLAPConfig, capabilities=Capabilities(WIDTH, edits_weights=True, distributed=True),
+@register("flap", config=FLAPConfig, capabilities=Capabilities(WIDTH, edits_weights=True, distributed=True,
+                                                                  onloading=True),
           description="fluctuation of each o_proj / down_proj input column, standardised, ranked across layers, "
           "with bias compensation (An et al. 2024)", calibration_tokens=1024 * 128, calibration_seqlen=128)
 def flap(context: PruneContext) -> MethodResult:
@@ -114,7 +116,7 @@ def compensate_biases(model: nn.Module, adapter: ArchAdapter, plan: PruningPlan,
                       means: dict[int, dict[str, torch.Tensor]]) -> None:
     """b ← b + W[:, P] · mean(X_P) for the removed columns P; biases created where the model has none."""
     added = set()
-    for index, layer in enumerate(adapter.decoder_layers(model)):
+    for index, layer in each_layer(model, adapter):  # onloaded: each layer read, edited and kept in turn
         linears = output_linears(adapter, layer)
         for name, columns in removed_columns(plan, adapter, index):
             if not len(columns):

@@ -140,7 +140,30 @@ class Onloader:
             now = _versions(layer)
             edited = {name: tensor for name, tensor in layer.state_dict().items() if now.get(name) != before.get(name)}
             self.edits.save(index, edited)
+        self._drop_added(layer)
         offload(layer)
+
+    def _drop_added(self, layer: nn.Module) -> None:
+        """Remove parameters the method added (FLAP's biases; kept in the edits): the next read of the layer must
+        match the checkpoint, and the writer adds them back from the plan."""
+        stored = set(self.checkpoint.names(self.prefix(layer)))
+        for name in [name for name, _ in layer.named_parameters() if self.prefix(layer) + name not in stored]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(layer.get_submodule(owner), attribute, None)
+
+
+def each_layer(model: nn.Module, adapter: ArchAdapter) -> Iterator[tuple[int, nn.Module]]:
+    """``(index, layer)`` for every decoder layer; on an onloaded model each is read before it is yielded and freed
+    (its edits kept) afterwards, so a method's pass after the calibration walk (FLAP's bias compensation) works
+    on either kind of model."""
+    onloader = onloader_of(model)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        if onloader is None:
+            yield index, layer
+            continue
+        onloader.onload_layer(index)
+        yield index, layer
+        onloader.release_layer(index)
 
 
 def _versions(module: nn.Module) -> dict[str, tuple[int, int]]:

@@ -66,7 +66,7 @@ def materialize_layer(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdap
     with torch.no_grad():
         _apply_attention(layer, layer_plan, adapter)
         _apply_mlp(layer, layer_plan, adapter)
-        _add_biases(layer, layer_plan, adapter, added_biases)
+        add_biases(layer, layer_plan, adapter, added_biases)
 
 
 def finish_structure(model: nn.Module, plan: PruningPlan, adapter: ArchAdapter) -> nn.Module:
@@ -122,7 +122,7 @@ def _apply_mlp(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter) ->
             mlp.intermediate_size = len(channels)
 
 
-def _add_biases(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter, added: list[str]) -> None:
+def add_biases(layer: nn.Module, layer_plan: LayerPlan, adapter: ArchAdapter, added: list[str]) -> None:
     """Give the surviving output projections named in ``added`` a bias (zeros) where they have none."""
     linears = {}
     if layer_plan.has_attention:
