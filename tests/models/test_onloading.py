@@ -102,7 +102,7 @@ def test_a_shard_truncated_mid_run_is_one_line_and_leaves_nothing(tmp_path):
 def test_methods_and_models_that_cannot_be_onloaded_are_refused(tmp_path):
     model, directory = _sharded(tmp_path)
     calibration = _windows(model.config.vocab_size, 1)
-    for method in ("magnitude", "taylor", "pgprune"):
+    for method in ("magnitude", "taylor"):
         with pytest.raises(PrunekitError, match=f"'{method}' cannot run on an onloaded model yet.*blockpruner"):
             prune_onloaded(directory, method, tmp_path / "out", 0.2, calibration=calibration)
     gemma = make_tiny_model("gemma3_text", 4, 1, layers=2)
@@ -199,3 +199,18 @@ def test_onloaded_depth_search_reads_each_layer_once_per_step(tmp_path, monkeypa
         written = not removed_at
         # the dense pass, one read in every step where it still runs, and the writer if the layer survives
         assert reads[f"model.layers.{index}.mlp.up_proj.weight"] == 1 + running_steps + written
+
+
+def test_onloaded_pgprune_learns_what_the_in_memory_run_learns(tmp_path):
+    model, directory = _sharded(tmp_path)
+    calibration = _windows(model.config.vocab_size, 1, count=32)
+    options = {"steps": 4, "samples": 2, "eval_every": 2, "execution": "masked"}
+    result = prune(model, None, "pgprune", 0.2, calibration=calibration, progress=False, **options)
+    prune_onloaded(directory, "pgprune", tmp_path / "out", 0.2, calibration=calibration, progress=False, **options)
+    manifest = json.loads((tmp_path / "out" / "prunekit.json").read_text())
+    assert manifest["plan"]["layers"] == result.plan.to_dict()["layers"]
+    learned = manifest["plan"]["metrics"]["pgprune"]
+    assert learned["heldout_loss_final_mask"] == result.plan.metrics["pgprune"]["heldout_loss_final_mask"]
+    with pytest.raises(PrunekitError, match="execution=sliced needs the whole model in memory"):
+        prune_onloaded(directory, "pgprune", tmp_path / "sliced", 0.2, calibration=calibration, progress=False,
+                       **{**options, "execution": "sliced"})

@@ -117,10 +117,13 @@ def onload(module: nn.Module, prefix: str, checkpoint: ShardedCheckpoint,
            device: torch.device | str = "cpu") -> nn.Module:
     """Give ``module`` (whose tensors are stored under ``prefix``) real storage on ``device`` and load it strictly."""
     names = checkpoint.names(prefix)
-    tensors = checkpoint.read(names, device)
-    state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
-    module.to_empty(device=device)  # load_state_dict then copies (and casts) into this storage
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Ordinary tensors even when called under inference mode (pgprune's passes): the calibration runner checks
+    # parameter versions, which inference tensors do not have.
+    with torch.inference_mode(False):
+        tensors = checkpoint.read(names, device)
+        state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+        module.to_empty(device=device)  # load_state_dict then copies (and casts) into this storage
+        missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         name = prefix + (missing or unexpected)[0]
         raise PrunekitError(f"tensor {name} is {'missing from' if missing else 'unexpected in'} "

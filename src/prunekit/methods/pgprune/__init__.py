@@ -36,6 +36,7 @@ from prunekit.methods.pgprune.learn import BatchStream, LearnSettings, generator
 from prunekit.methods.pgprune.policy import Policy
 from prunekit.methods.pgprune.state import LearningState
 from prunekit.methods.run_state import fingerprint
+from prunekit.models.onloading import onloader_of
 from prunekit.structure.allocation import ATTENTION_UNITS, resolve_attention_unit
 from prunekit.structure.masks import UnitMask
 from prunekit.structure.plan import PruningPlan
@@ -83,7 +84,8 @@ class PGPruneConfig(MethodConfig):
                                    "continues", minimum=1)
 
 
-@register("pgprune", config=PGPruneConfig, capabilities=Capabilities(WIDTH, resumable=True, distributed=True),
+@register("pgprune", config=PGPruneConfig, capabilities=Capabilities(WIDTH, resumable=True, distributed=True,
+                                                                      onloading=True),
           description="policy-gradient mask learning (Gao et al.): forward-only REINFORCE over Bernoulli keep-"
           "probabilities of KV groups, channels (and layers) under global budgets; uneven layers",
           calibration_tokens=2048 * 128, calibration_seqlen=128)
@@ -132,6 +134,11 @@ def _attention_unit(adapter, requested: str) -> str:
 
 
 def _execution(config: PGPruneConfig, context: PruneContext) -> str:
+    if onloader_of(context.model) is not None:
+        if config.execution not in ("auto", "masked"):
+            raise PrunekitError(f"execution={config.execution} needs the whole model in memory; an onloaded model "
+                                "runs the masked execution (execution=masked or auto)")
+        return "masked"  # one walk over the layers per step, every sample advanced through each layer
     if config.execution != "auto":
         return config.execution
     on_gpu = next(context.model.parameters()).device.type == "cuda"

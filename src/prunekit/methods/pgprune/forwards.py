@@ -23,8 +23,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from prunekit.calibration.branches import head_logits
+from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.evaluation.perplexity import window_nll_sums
 from prunekit.models.adapters import ArchAdapter
+from prunekit.models.onloading import each_layer, onloader_of
 from prunekit.structure.masks import MaskedForward, UnitMask
 from prunekit.structure.materialize import unit_indices
 
@@ -63,6 +66,8 @@ class SampleForwards:
 
     def losses(self, input_ids: torch.Tensor, masks: Sequence[Mask]) -> list[float]:
         """One mean loss per mask, over every token of ``input_ids`` ``[B, T]``."""
+        if onloader_of(self.model) is not None:
+            return self._onloaded_losses(input_ids, masks)
         input_ids = input_ids.to(self.device)
         if self.execution == "batched":
             self._masked.set_mask(self.unit_mask_batched(masks, input_ids.shape[0]))
@@ -73,6 +78,8 @@ class SampleForwards:
 
     def loss(self, input_ids: torch.Tensor, mask: Mask) -> float:
         """The loss under one mask (masked or sliced execution; batched runs one mask as a plain masked forward)."""
+        if onloader_of(self.model) is not None:
+            return self._onloaded_losses(input_ids, [mask])[0]
         input_ids = input_ids.to(self.device)
         if self.execution == "sliced":
             with self._sliced_attention_groups(mask):
@@ -83,6 +90,23 @@ class SampleForwards:
             self._masked.set_mask(self.unit_mask(mask))
             logits = self.model(input_ids, use_cache=False).logits
         return float(row_losses(logits, input_ids).mean())
+
+    def _onloaded_losses(self, input_ids: torch.Tensor, masks: Sequence[Mask]) -> list[float]:
+        """Masked execution on an onloaded model: every sample's stream advances through a layer while it is
+        loaded once (the same layer calls as the model's own forward, so the same losses), then the head."""
+        onloader = onloader_of(self.model)
+        with LayerwiseRunner(self.model, self.adapter, input_ids, batch_size=input_ids.shape[0],
+                             progress=False) as runner:
+            rows = slice(0, input_ids.shape[0])
+            streams = [runner.inputs.read(rows) for _ in masks]
+            kwargs = [runner.context(index, input_ids.shape[0]).kwargs for index in range(self.adapter.num_layers)]
+            for index, layer in each_layer(self.model, self.adapter):
+                for sample, mask in enumerate(masks):
+                    self._masked.set_mask(self.unit_mask(mask))
+                    output = layer(streams[sample], **kwargs[index])
+                    streams[sample] = output[0] if isinstance(output, tuple) else output
+            with onloader.head():
+                return [float(row_losses(head_logits(self.model, stream), input_ids).mean()) for stream in streams]
 
     # -- masked / batched ------------------------------------------------------------------------------------
     def unit_mask(self, mask: Mask) -> UnitMask:
