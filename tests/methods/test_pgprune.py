@@ -76,7 +76,7 @@ def _ablation_costs(model, ids):
 def test_learning_separates_exactly_useless_units_from_those_that_matter(useless_model, monkeypatch):
     model, calibration = useless_model
     seen = _learned(monkeypatch)
-    result = PGPRUNE.apply_to(model, Target(1 / 3, "linear"), calibration, progress=False, steps=800,
+    result = PGPRUNE.apply_to(model, Target(1 / 3, "linear"), calibration, progress=False, steps=1600,
                               init="uniform", lr_heads=0.05, lr_channels=0.05, eval_every=200)
     learned = seen[-2]
     groups, channels = learned["attention"], learned["channels"]
@@ -86,10 +86,13 @@ def test_learning_separates_exactly_useless_units_from_those_that_matter(useless
     assert all(layer.kept_kv_heads == [0, 1] for layer in result.plan.layers)
     # Channels: the useless ones are on average far below the rest, far more of them go than chance would remove
     # (4 of 12), and what goes is cheap: the removed channels' mean ablation cost is a small part of the kept
-    # ones'. (Useful channels whose removal costs next to nothing rank with the useless ones: within 800 noisy
-    # steps the estimator cannot tell them apart, and an occasional costly one is lost.)
+    # ones'. (Useful channels whose removal costs next to nothing rank with the useless ones: within 1600 noisy
+    # steps the estimator cannot tell them apart, and an occasional costly one is lost. The trajectory depends on
+    # the CPU's floating point: at 800 steps the gap below was 0.14 on an AMD EPYC and passed on an Intel Xeon;
+    # at 1600 it is 0.31 on the EPYC.)
     costs = _ablation_costs(model, calibration.input_ids)
-    assert channels[:, :useless].mean() < channels[:, useless:].mean() - 0.2
+    assert channels[:, :useless].mean() < channels[:, useless:].mean() - 0.2, (channels[:, :useless].mean(),
+                                                                               channels[:, useless:].mean())
     gone = torch.ones(3, 12, dtype=torch.bool)
     for layer_index, layer in enumerate(result.plan.layers):
         gone[layer_index, layer.kept_channels] = False
