@@ -99,15 +99,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output_file(args.json)
     directory = _offload_directory(args)
+    if tasks and (directory is not None or args.offload == "cpu"):
+        raise PrunekitError(f"--tasks runs lm-eval on a model in memory; it cannot run with --offload "
+                            f"{args.offload if args.offload != 'auto' else 'disk'}")
     if directory is not None:
         from prunekit.models.loading import parse_dtype
         from prunekit.models.onloading import open_onloaded
 
-        if tasks:
-            raise PrunekitError("--tasks runs lm-eval on a model in memory; it cannot run with --offload disk")
         model, _, tokenizer = open_onloaded(directory, parse_dtype(args.dtype), args.device)
         if tokenizer is None:
             raise PrunekitError(f"{args.model} has no tokenizer files, which this command needs")
+    elif args.offload == "cpu":
+        from prunekit.models.onloading import open_in_memory
+
+        model, tokenizer = _load(args, device="cpu")
+        model, _ = open_in_memory(model, args.device)
     else:
         model, tokenizer = _load(args)
     resolve_bos(tokenizer, args.bos)
@@ -223,6 +229,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                  state_path=state_path, **options)
         plan_settings = info.configure(options).to_dict()
         plan_calibration = calibration.describe() if calibration is not None else {}
+    elif args.offload == "cpu":
+        model, tokenizer = _load(args, device="cpu")
+        calibration, evaluation = _prune_windows(args, info, tokenizer, model.config)
+        metrics = prune_onloaded(model, info.name, args.out, args.ratio, args.ratio_of, calibration, evaluation,
+                                 args.seed, not args.no_progress, args.blocks, dtype=parse_dtype(args.dtype),
+                                 device=args.device, save_dtype=save_dtype, overwrite=args.overwrite,
+                                 state_path=state_path, tokenizer=tokenizer, **options)
+        plan_settings = info.configure(options).to_dict()
+        plan_calibration = calibration.describe() if calibration is not None else {}
     else:
         model, tokenizer = _load(args)
         calibration, evaluation = _prune_windows(args, info, tokenizer, model.config)
@@ -273,6 +288,8 @@ def _offload_directory(args: argparse.Namespace) -> Path | None:
     from prunekit.models.fit import choose_offload
     from prunekit.models.loading import parse_device, parse_dtype
 
+    if args.offload == "cpu":
+        return None  # loaded whole into CPU memory; each module goes to --device when it runs
     name = str(args.model)
     path = Path(name).expanduser()
     directory = None
@@ -417,13 +434,14 @@ def _method_options(pairs: list[str]) -> dict[str, dict[str, str]]:
     return options
 
 
-def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True):
-    """The model named by ``--model`` (or ``name``) with the shared loading options, and its tokenizer."""
+def _load(args: argparse.Namespace, name=None, need_tokenizer: bool = True, device: str | None = None):
+    """The model named by ``--model`` (or ``name``) with the shared loading options (on ``device`` instead of
+    --device when given), and its tokenizer."""
     import prunekit
 
     _quiet_loading(args)
-    model, tokenizer = prunekit.load_model(name or args.model, args.dtype, args.device, args.trust_remote_code,
-                                           verify=not args.no_verify)
+    model, tokenizer = prunekit.load_model(name or args.model, args.dtype, device or args.device,
+                                           args.trust_remote_code, verify=not args.no_verify)
     if need_tokenizer and tokenizer is None:
         raise PrunekitError(f"{name or args.model} has no tokenizer files, which this command needs; save the model "
                             "with its tokenizer")

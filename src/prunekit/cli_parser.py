@@ -33,10 +33,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_offload_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--offload", default="auto", choices=["auto", "none", "disk"],
-                        help="where the weights live: none (loaded whole), disk (read from the model directory's "
-                        "safetensors one layer at a time, for models larger than memory) or auto (whole if the "
-                        "weights take at most half the available memory; the choice is printed). Default: auto")
+    parser.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
+                        help="where the weights live: none (loaded whole on --device), cpu (in CPU memory, each layer "
+                        "copied to --device when it runs: a GPU smaller than the model), disk (read from the model "
+                        "directory's safetensors one layer at a time: a model larger than memory) or auto (whole if "
+                        "the weights take at most half the available memory, else disk, said when chosen). Default: "
+                        "auto")
 
 
 def _positive_int(text: str) -> int:

@@ -161,6 +161,16 @@ def test_cli_prune_and_eval_with_offload_disk(capsys, tmp_path, tiny_tokenizer):
         assert code == 0, err
         reports.append(out.splitlines()[2].split()[:2])
     assert reports[0] == reports[1]
+    dense_reports = []
+    for offload in ("cpu", "disk", "none"):
+        code, out, err = run_cli(capsys, "eval", "--model", directory, "--ppl", "sample", "--seqlen", "64",
+                                 "--max-tokens", "512", "--offload", offload, "--no-progress")
+        assert code == 0, err
+        dense_reports.append(out.splitlines()[2].split()[:2])
+    assert dense_reports[0] == dense_reports[1] == dense_reports[2]
+    code, out, err = run_cli(capsys, "prune", "--model", directory, "--method", "slimgpt", "--ratio", "0.2",
+                             "--out", tmp_path / "cpu", "--offload", "cpu", "--save-dtype", "bfloat16", *common)
+    assert code == 0 and table(out) == table(out_memory), err
     code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "disk", "--tasks", "prunekit_lastword",
                            "--offload", "disk", "--no-progress")
     assert code == 2 and error_lines(err) == [
@@ -214,3 +224,22 @@ def test_onloaded_pgprune_learns_what_the_in_memory_run_learns(tmp_path):
     with pytest.raises(PrunekitError, match="execution=sliced needs the whole model in memory"):
         prune_onloaded(directory, "pgprune", tmp_path / "sliced", 0.2, calibration=calibration, progress=False,
                        **{**options, "execution": "sliced"})
+
+
+@pytest.mark.parametrize("method", ["slimgpt", "flap", "blockpruner"])
+def test_offload_cpu_moves_one_module_at_a_time_and_gives_the_in_memory_result(tmp_path, method):
+    import copy
+
+    model = make_tiny_model("llama", 4, 2, layers=3)
+    source = copy.deepcopy(model)
+    calibration = _windows(model.config.vocab_size, 1)
+    target = {"blocks": 2} if method == "blockpruner" else {"ratio": 0.3}
+    result = prune(model, None, method, calibration=calibration, progress=False, **target)
+    metrics = prune_onloaded(source, method, tmp_path / "out", calibration=calibration, progress=False, **target)
+    assert metrics["offload"] == "cpu" and metrics["source_reads"]["most_reads"] >= 2
+    loaded, _ = prunekit.load_pruned(tmp_path / "out", with_tokenizer=False)
+    assert loaded.prunekit_plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
+    expected, actual = result.model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    untouched = make_tiny_model("llama", 4, 2, layers=3).state_dict()
+    assert all(torch.equal(untouched[name], tensor) for name, tensor in source.state_dict().items())

@@ -97,7 +97,7 @@ def _recorded(plan: PruningPlan, spec: Method, config, seed: int, calibration: T
 
 
 def prune_onloaded(
-    source: str | Path,
+    source: str | Path | nn.Module,
     method: str,
     out: str | Path,
     ratio: float | None = None,
@@ -113,17 +113,19 @@ def prune_onloaded(
     save_dtype: torch.dtype | None = None,
     overwrite: bool = False,
     state_path: str | Path | None = None,
+    tokenizer: Any = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`prune` for a model too large for memory: the layers of ``source`` (a safetensors model directory)
     are read one at a time for the method, the perplexities and the materialisation, which writes the pruned
     checkpoint ``out`` shard by shard (``io.streamed``). ``save_dtype`` (default ``dtype``) is the checkpoint's.
-    Returns the metrics, as saved in the checkpoint's manifest."""
+    ``source`` may also be a dense model in CPU memory (``--offload cpu``, with ``tokenizer``): its modules are
+    copied to ``device`` one at a time. Returns the metrics, as saved in the checkpoint's manifest."""
     from prunekit.distributed import leader
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.io.streamed import save_streamed
     from prunekit.models.loading import is_pruned_checkpoint
-    from prunekit.models.onloading import EditStore, open_onloaded
+    from prunekit.models.onloading import EditStore, open_in_memory, open_onloaded
     from prunekit.structure.params import measured_ratios
 
     spec = method_info(method)
@@ -132,13 +134,17 @@ def prune_onloaded(
         raise PrunekitError(f"method '{spec.name}' cannot run on an onloaded model yet (--offload disk); methods "
                             f"that can: {', '.join(supported)}")
     target, config = resolve_target(spec, ratio, ratio_of, blocks), spec.configure(options)
-    if is_pruned_checkpoint(source):
+    in_memory = isinstance(source, nn.Module)
+    if not in_memory and is_pruned_checkpoint(source):
         raise PrunekitError(f"{source} is already pruned; prune the dense model it came from")
     save_dtype = save_dtype or dtype
     edits = EditStore(Path(out).absolute().parent, save_dtype) if spec.capabilities.edits_weights else None
     try:
-        model, adapter, tokenizer = open_onloaded(source, dtype, device, edits)
-        metrics: dict[str, Any] = {"target": target.describe(), "offload": "disk"}
+        if in_memory:
+            model, adapter = open_in_memory(source, device, edits)
+        else:
+            model, adapter, tokenizer = open_onloaded(source, dtype, device, edits)
+        metrics: dict[str, Any] = {"target": target.describe(), "offload": "cpu" if in_memory else "disk"}
         if evaluation is not None:
             metrics["perplexity_before"] = perplexity(model, evaluation, progress=progress).to_dict()
         started = time.perf_counter()

@@ -206,6 +206,22 @@ def open_onloaded(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     return model, adapter, read_tokenizer(directory)
 
 
+def open_in_memory(model: nn.Module, device: torch.device | str, edits: EditStore | None = None
+                   ) -> tuple[nn.Module, ArchAdapter]:
+    """``--offload cpu``: a meta-device copy of ``model`` (a dense model in CPU memory) whose modules are copied to
+    ``device`` when they run; returns it and its adapter. The CPU model keeps the weights and is not changed."""
+    from prunekit.models.adapters import adapter_for
+    from prunekit.models.shards import MemorySource
+
+    adapter = adapter_for(model)
+    dtype = next(model.parameters()).dtype
+    onloaded = empty_model(model.config, dtype)
+    source = {name: tensor for name, tensor in model.state_dict().items()
+              if not (adapter.tied_embeddings and name == "lm_head.weight")}
+    Onloader(onloaded, MemorySource(source), device, edits, adapter)
+    return onloaded, adapter
+
+
 def dense_config(directory: Path) -> Any:
     """The dense model's config of a model directory or of a prunekit checkpoint (which wraps it)."""
     from transformers import AutoConfig

@@ -141,3 +141,35 @@ def onload_rotary(model: nn.Module, device: torch.device | str = "cpu") -> None:
     rotary = model.model.rotary_emb
     with torch.device(device):  # its constructor computes the tables on the current default device
         model.model.rotary_emb = type(rotary)(config=model.config)
+
+
+class MemorySource(ShardedCheckpoint):
+    """The same interface over a state dict held in CPU memory (``--offload cpu``): each module's tensors are
+    copied to the compute device when it runs and freed there afterwards, so a GPU holds one layer at a time."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.directory = Path("<memory>")
+        self.tensors = {name: tensor.detach() for name, tensor in state.items()}
+        self.files = dict.fromkeys(self.tensors, "memory")
+        self.bytes_read = 0
+        self.reads = Counter()
+
+    def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in names:
+            if name not in self.tensors:
+                raise PrunekitError(f"tensor {name} is not in the model's weights")
+            tensor = self.tensors[name]
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            self.reads[name] += 1
+            tensors[name] = tensor.to(device, copy=True)  # a copy: the method may edit it in place
+        return tensors
+
+    def identity(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in self.tensors.items():
+            digest.update(name.encode())
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
