@@ -89,14 +89,24 @@ def test_layer_wise_methods_split_the_windows_and_combine_their_statistics(tmp_p
 
 
 def test_a_process_that_dies_is_one_line_and_writes_nothing(tmp_path, model_dir):
-    # A sitecustomize hook ends the second process abruptly a few seconds in, mid-search.
+    # A sitecustomize hook ends the second process abruptly in its second collective (step 1 of the search), while
+    # the first process waits for it.
     hook = tmp_path / "hook" / "sitecustomize.py"
     hook.parent.mkdir()
-    hook.write_text("import os, threading\nif os.environ.get('RANK') == '1':\n"
-                    "    threading.Timer(6.0, lambda: os._exit(9)).start()\n")
+    hook.write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.distributed as dist\n"
+        "    original, calls = dist.all_gather_object, []\n"
+        "    def dying(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 2:\n"
+        "            os._exit(9)\n"
+        "        return original(*args, **kwargs)\n"
+        "    dist.all_gather_object = dying\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                "-m", "prunekit.cli", "prune", "--model", str(model_dir), "--method", "blockpruner", "--blocks", "3",
-               "--out", str(tmp_path / "killed"), "--calib-tokens", "4096", *COMMON]
+               "--out", str(tmp_path / "killed"), "--calib-tokens", "1024", *COMMON]
     env = {**os.environ, "PYTHONPATH": f"{hook.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
