@@ -6,12 +6,13 @@ the onloaded runs, which read it one layer at a time (``prune_onloaded``); the i
 - SlimGPT 20% (32 windows x 512 tokens of the ``mix`` calibration split, seed 0; perplexity before and after on
   16,384 tokens of the ``mix`` evaluation split): the plan, every weight of the saved checkpoints and both
   perplexities are compared for exact equality; time and bytes read are recorded.
-- BlockPruner, 4 sub-blocks, on 4 windows x 1024 tokens (half the method's default calibration): today's search
+- BlockPruner, 2 sub-blocks, on 2 windows x 256 tokens (a small case: the layer-major walk scores every candidate
+  completely, about 60 full suffixes and heads per step on SmolLM2): today's search
   (``search=fast``, in memory), the layer-major walk in memory, and the layer-major walk onloaded. The schedules
   and calibration NLL sums are compared for exact equality; the onloaded run's reads of every layer are counted
   (one per step while the layer still runs, plus the dense pass and the writer), with the time of each.
 
-    .venv/bin/python benchmarks/onload_smollm2.py       # about 15 minutes on 2 CPU cores; run it alone
+    .venv/bin/python benchmarks/onload_smollm2.py       # about 10 minutes on 2 CPU cores; run it alone
 
 Results: ``benchmarks/results/onload_smollm2.{json,md}``.
 """
@@ -34,7 +35,7 @@ from prunekit.methods.run import prune, prune_onloaded
 from prunekit.models.bundled import ensure_converted
 from prunekit.models.shards import ShardedCheckpoint
 
-BLOCKS = 4
+BLOCKS = 2
 
 
 def _recording_checkpoints() -> list[ShardedCheckpoint]:
@@ -81,7 +82,7 @@ def slimgpt_case(source: Path, work: Path, tokenizer) -> dict:
 
 
 def blockpruner_case(source: Path, work: Path, tokenizer) -> dict:
-    calibration = calibration_windows(tokenizer, "mix", 4 * 1024, 1024, seed=0)
+    calibration = calibration_windows(tokenizer, "mix", 2 * 256, 256, seed=0)
     runs = {}
     for label, search in (("fast, in memory", "fast"), ("layer-major, in memory", "layer_major")):
         model, _ = prunekit.load_model(str(source))
@@ -123,7 +124,7 @@ def markdown(payload: dict) -> str:
              f"{slim['seconds_onloaded']} s; bytes read from the shards by the onloaded run: "
              f"{slim['source_reads']['bytes_read']:,} (each tensor read {slim['source_reads']['fewest_reads']} to "
              f"{slim['source_reads']['most_reads']} times: the two perplexity walks, the method's walk, the writer)",
-             "", f"## BlockPruner, {block['blocks']} sub-blocks (4 x 1024 calibration tokens, mix)", "",
+             "", f"## BlockPruner, {block['blocks']} sub-blocks (2 x 256 calibration tokens, mix)", "",
              "| search | seconds | branch executions (windows) | same schedule | same NLL sums |",
              "|---|---|---|---|---|"]
     for label, seconds in block["seconds"].items():
