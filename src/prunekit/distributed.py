@@ -87,7 +87,7 @@ def split_map(function: Callable[[Sequence[T]], list[R]], items: Sequence[T], st
     if not here.active:
         return function(items)
     positions = list(range(len(items)))
-    share = positions[here.rank::here.size] if strided else _contiguous(positions, here)
+    share = positions[here.rank::here.size] if strided else positions[contiguous_share(len(positions), here)]
     results = function([items[position] for position in share])
     if len(results) != len(share):
         raise PrunekitError("a distributed share returned the wrong number of results")
@@ -97,10 +97,11 @@ def split_map(function: Callable[[Sequence[T]], list[R]], items: Sequence[T], st
     return [merged[position] for position in positions]
 
 
-def _contiguous(positions: list[int], here: World) -> list[int]:
-    size, extra = divmod(len(positions), here.size)
+def contiguous_share(count: int, here: World) -> slice:
+    """This process's contiguous share of ``count`` items (the first ``count % size`` processes get one more)."""
+    size, extra = divmod(count, here.size)
     start = here.rank * size + min(here.rank, extra)
-    return positions[start:start + size + (here.rank < extra)]
+    return slice(start, start + size + (here.rank < extra))
 
 
 def leader() -> bool:

@@ -43,7 +43,7 @@ from prunekit.calibration.capture import capture_layer_inputs
 from prunekit.calibration.statistics import HESSIAN, InputStatistics, input_statistics
 from prunekit.calibration.store import ActivationStore, check_offload
 from prunekit.data.windows import TokenWindows
-from prunekit.distributed import world
+from prunekit.distributed import contiguous_share, world
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
 from prunekit.models.onloading import onloader_of
@@ -370,9 +370,7 @@ def _share_of(input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.shape[0] < here.size:
         raise PrunekitError(f"{input_ids.shape[0]} calibration windows cannot be split across {here.size} processes; "
                             "give more calibration tokens")
-    size, extra = divmod(input_ids.shape[0], here.size)
-    start = here.rank * size + min(here.rank, extra)
-    return input_ids[start:start + size + (here.rank < extra)]
+    return input_ids[contiguous_share(input_ids.shape[0], here)]
 
 
 def _check_seen(statistics: Mapping[str, InputStatistics]) -> None:
