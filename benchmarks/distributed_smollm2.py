@@ -6,10 +6,11 @@ are compared weight by weight (and the depth schedules by their NLL sums); the w
 (loading, calibration, the search, saving).
 
 - BlockPruner, 2 sub-blocks, 2 windows x 512 tokens (fast search: candidates split, early abandon per process);
-- SlimGPT 20%, 8 windows x 512 tokens (windows split, Hessians all-reduced: equal up to summation order);
+- SlimGPT 20%, 16 windows x 512 tokens (two mini-batches of 8, one per process; their statistics exchanged and
+  folded in batch order);
 - pgprune 20%, 10 steps of K = 4 samples (the samples split, 2 per process).
 
-    .venv/bin/python benchmarks/distributed_smollm2.py     # about 6 minutes; run it alone
+    .venv/bin/python benchmarks/distributed_smollm2.py     # about 12 minutes; run it alone
 
 Results: ``benchmarks/results/distributed_smollm2.{json,md}``.
 """
@@ -35,7 +36,7 @@ from prunekit.evaluation.machine import cpu_model
 COMMON = ["--model", "smollm2-135m", "--no-eval", "--no-progress", "--offload", "none"]
 CASES = {
     "blockpruner fast": ["--method", "blockpruner", "--blocks", "2", "--calib-tokens", "1024", "--seqlen", "512"],
-    "slimgpt": ["--method", "slimgpt", "--ratio", "0.2", "--calib-tokens", "4096", "--seqlen", "512"],
+    "slimgpt": ["--method", "slimgpt", "--ratio", "0.2", "--calib-tokens", "8192", "--seqlen", "512"],
     "pgprune": ["--method", "pgprune", "--ratio", "0.2", "--option", "steps=10", "--option", "samples=4",
                 "--option", "eval_every=5", "--calib-tokens", "8192", "--seqlen", "256"],
 }

@@ -72,6 +72,7 @@ def test_two_gloo_processes_give_the_one_process_result(tmp_path, model_dir, met
 
 @pytest.mark.parametrize("method, extra", [
     ("slimgpt", []),
+    ("slimgpt", ["--calib-tokens", "1536"]),  # 3 batches of 8 windows: the second process sits out the last round
     ("wanda-sp", []),
     ("flap", []),
     ("llmbip", ["--option", "allocation=global"]),
@@ -83,9 +84,16 @@ def test_layer_wise_methods_split_the_windows_and_combine_their_statistics(tmp_p
     plans = [json.loads((tmp_path / run / "prunekit.json").read_text())["plan"]["layers"] for run in ("one", "two")]
     assert plans[0] == plans[1]
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    # the statistics are summed in another order (per process, then across): equal up to that rounding
-    for name in one:
-        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+    # the batches' contributions are folded in batch order in both runs: the same bits
+    assert sorted(one) == sorted(two) and all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_fewer_batches_than_processes_is_one_line(tmp_path, model_dir):
+    done = _prune(2, "--model", model_dir, "--method", "wanda-sp", "--ratio", "0.2", "--calib-tokens", "512",
+                  "--out", tmp_path / "two", *COMMON, check=False)
+    assert done.returncode != 0
+    assert "1 calibration batch cannot be split across 2 processes" in done.stderr
+    assert not (tmp_path / "two").exists()
 
 
 def test_a_process_that_dies_is_one_line_and_writes_nothing(tmp_path, model_dir):

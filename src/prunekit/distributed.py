@@ -8,12 +8,15 @@ follows the same control flow; only the expensive independent pieces are split:
 - the candidates of a greedy depth step (BlockPruner, SLEB): each rank scores every N-th candidate of the step's
   order, the scores are gathered, and every rank picks the same winner;
 - the K mask samples of a policy-gradient step: every rank draws the same K masks (same seeds), computes the
-  losses of its contiguous share, and the losses are gathered in sample order.
+  losses of its contiguous share, and the losses are gathered in sample order;
+- the calibration mini-batches of the layer-wise methods (SlimGPT, Wanda-sp, FLAP, LLM-BIP): each rank runs every
+  N-th batch, and the batches' statistics are exchanged and folded in batch order (``calibration.exchange``).
 
 Results equal the one-process ones: the winner of a step is the minimum over all candidates whatever the split
 (a candidate abandoned by its rank's early-abandon bound has a sum above that rank's best complete sum, so it
-cannot be the minimum), and each mask's loss is computed by the same forward. Only rank 0 writes files (the
-checkpoint, the search state, reports) and prints; the others finish without output.
+cannot be the minimum), each mask's loss is computed by the same forward, and the statistics are summed in the
+one-process order. Only rank 0 writes files (the checkpoint, the search state, reports) and prints; the others
+finish without output.
 """
 
 from __future__ import annotations
@@ -74,6 +77,19 @@ def _gather(value: Any) -> list[Any]:
         raise PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no "
                             "output was written; rerun the command (resumable searches continue from their state)"
                             ) from None
+    return gathered
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (same shape and dtype on all), in rank order."""
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(gathered, tensor.contiguous())
+    except RuntimeError as error:
+        raise PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no "
+                            "output was written; rerun the command") from None
     return gathered
 
 

@@ -40,10 +40,11 @@ from prunekit.calibration.branches import (
     run_branch,
 )
 from prunekit.calibration.capture import capture_layer_inputs
+from prunekit.calibration.exchange import BatchExchange, batch_share
 from prunekit.calibration.statistics import HESSIAN, InputStatistics, input_statistics
 from prunekit.calibration.store import ActivationStore, check_offload
 from prunekit.data.windows import TokenWindows
-from prunekit.distributed import contiguous_share, world
+from prunekit.distributed import world
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ArchAdapter
 from prunekit.models.onloading import onloader_of
@@ -67,11 +68,6 @@ class LayerwiseRunner:
         split_windows: bool = False,
     ):
         input_ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
-        # Under torchrun, split_windows gives each process a contiguous share of the windows; the statistics of
-        # every pass are then combined across processes before the caller sees them.
-        self.split = split_windows and world().active
-        if self.split:
-            input_ids = _share_of(input_ids)
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise PrunekitError(
                 "calibration windows must be a non-empty [n, seqlen] tensor, got "
@@ -79,6 +75,11 @@ class LayerwiseRunner:
             )
         if batch_size < 1:
             raise PrunekitError(f"the calibration batch size must be at least 1, got {batch_size}")
+        # Under torchrun, split_windows gives each process every N-th mini-batch of the windows; the statistics of
+        # every pass are exchanged and folded in batch order before the caller sees them (calibration.exchange).
+        self._exchange: BatchExchange | None = None
+        if split_windows and world().active:
+            input_ids, self._exchange = _share_of(input_ids, batch_size)
         self.model, self.adapter = model, adapter
         self.offload, self.offload_dir = check_offload(offload), offload_dir
         self.batch_size, self.progress = batch_size, progress
@@ -171,7 +172,7 @@ class LayerwiseRunner:
         if stop_after not in STOP_POINTS:
             raise PrunekitError(f"unknown stop point '{stop_after}'; use attention or mlp")
         self._drop_kept()
-        with input_statistics(linears, kinds) as statistics:
+        with input_statistics(linears, kinds, self._exchange) as statistics:
             for rows in self.batches():
                 context = self.context(index, rows.stop - rows.start)
                 middle = attention_branch(self.adapter, layer, self.inputs.read(rows), context)
@@ -196,7 +197,7 @@ class LayerwiseRunner:
         """
         layer = self._check_position(index)
         self._drop_kept()
-        with input_statistics(linears or {}, kinds) as statistics:
+        with input_statistics(linears or {}, kinds, self._exchange) as statistics:
             try:
                 for rows in self.batches():
                     inputs = self.inputs.read(rows)
@@ -212,10 +213,9 @@ class LayerwiseRunner:
         return statistics
 
     def _combine(self, statistics: Mapping[str, InputStatistics]) -> None:
-        """Statistics of all windows: this process's, combined with the others' under torchrun."""
-        if self.split:
-            for stats in statistics.values():
-                stats.reduce_across_processes()
+        """Statistics of all windows: under torchrun, this process's batches folded with the others'."""
+        for stats in statistics.values():
+            stats.finish()
         _check_seen(statistics)
 
     # -- one branch at a time ------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class LayerwiseRunner:
 
         handle = output_linear(self.adapter, layer, branch).register_forward_pre_hook(keep)
         try:
-            with input_statistics(linears, kinds) as statistics:
+            with input_statistics(linears, kinds, self._exchange) as statistics:
                 for rows in self.batches():
                     current_rows.append(rows)
                     run(rows)
@@ -365,12 +365,14 @@ def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _share_of(input_ids: torch.Tensor) -> torch.Tensor:
+def _share_of(input_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, BatchExchange]:
+    """This process's windows: its batches, concatenated in order. Every batch but the last holds ``batch_size``
+    windows, so the runner's own batching of the share gives back exactly these batches."""
     here = world()
-    if input_ids.shape[0] < here.size:
-        raise PrunekitError(f"{input_ids.shape[0]} calibration windows cannot be split across {here.size} processes; "
-                            "give more calibration tokens")
-    return input_ids[contiguous_share(input_ids.shape[0], here)]
+    count = int(input_ids.shape[0])
+    batches = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    mine = batch_share(batches, here)
+    return torch.cat([input_ids[rows] for rows in mine]), BatchExchange(len(batches), here)
 
 
 def _check_seen(statistics: Mapping[str, InputStatistics]) -> None:

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+
+if TYPE_CHECKING:
+    from prunekit.calibration.exchange import BatchExchange
 
 HESSIAN = "hessian"
 NORMS = "norms"
@@ -40,14 +45,37 @@ def check_kinds(kinds: Iterable[str]) -> frozenset[str]:
     return chosen
 
 
-class InputStatistics:
-    """Running statistics of the inputs of one linear layer (features = its ``in_features``)."""
+@dataclass
+class BatchPart:
+    """One batch's contribution to the statistics, before it is folded into the running ones."""
 
-    def __init__(self, features: int, kinds: Iterable[str] = (HESSIAN,), device: torch.device | str = "cpu"):
+    tokens: int
+    sequences: int
+    gram: torch.Tensor | None = None  # Σ x xᵀ over the batch, fp32 (only when it travels between processes)
+    square_sum: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+
+
+class InputStatistics:
+    """Running statistics of the inputs of one linear layer (features = its ``in_features``).
+
+    Each batch's contribution is computed on its own and then folded into the running statistics in batch order.
+    Under torchrun (``exchange``), the processes hold interleaved batches; every round they exchange their
+    batches' contributions and fold all of them in batch order, so every process ends with exactly the bits one
+    process would have (floating-point sums depend on their order; this keeps the order).
+    """
+
+    def __init__(self, features: int, kinds: Iterable[str] = (HESSIAN,), device: torch.device | str = "cpu",
+                 exchange: BatchExchange | None = None):
         self.features = features
         self.kinds = check_kinds(kinds)
         self.tokens = 0
         self.sequences = 0
+        self.device = torch.device(device)
+        self.exchange = exchange
+        self._rounds = 0
         wants = self.kinds.__contains__
         self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device) if wants(HESSIAN) else None
         self.square_sum = torch.zeros(features, dtype=torch.float64, device=device) if wants(NORMS) else None
@@ -55,72 +83,70 @@ class InputStatistics:
         self._m2 = torch.zeros(features, dtype=torch.float64, device=device) if wants(MOMENTS) else None
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device) if wants(ABS_SUMS) else None
 
+    @property
+    def part_vectors(self) -> tuple[str, ...]:
+        """The per-feature float64 fields of a :class:`BatchPart` these statistics use, in a fixed order."""
+        held = {"square_sum": self.square_sum, "mean": self._mean, "m2": self._m2, "abs_sum": self.abs_sum}
+        return tuple(name for name, tensor in held.items() if tensor is not None)
+
     @torch.no_grad()
     def update(self, inputs: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., features]``; a leading batch dimension counts as sequences."""
         if inputs.shape[-1] != self.features:
             raise PrunekitError(f"input has {inputs.shape[-1]} features, statistics were set up for {self.features}")
         x = inputs.reshape(-1, self.features).float()
-        count = x.shape[0]
-        if count == 0:
+        sequences = int(inputs.shape[0]) if inputs.dim() > 2 else 1
+        if self.exchange is None:
+            if x.shape[0]:
+                if self.xtx is not None:
+                    _add_gram(self.xtx, x)  # straight into the running sum: no second d x d matrix
+                self._fold(self._part(x, sequences))
             return
+        part = self._part(x, sequences)
         if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
+            part.gram = _add_gram(torch.empty_like(self.xtx), x, into_empty=True)
+        self._exchange_round(part)
+
+    def finish(self) -> None:
+        """Complete the statistics after the last batch: under torchrun, take part in the rounds this process had
+        no batch for, so that every process holds the statistics of all windows."""
+        while self.exchange is not None and self._rounds < self.exchange.rounds:
+            self._exchange_round(None)
+
+    def _exchange_round(self, part: BatchPart | None) -> None:
+        for gathered in self.exchange.gather(part, self):
+            if self.xtx is not None and gathered.tokens:
+                self.xtx += gathered.gram
+            self._fold(gathered)
+        self._rounds += 1
+
+    def _part(self, x: torch.Tensor, sequences: int) -> BatchPart:
+        part = BatchPart(tokens=x.shape[0], sequences=sequences)
         if self.square_sum is not None:
-            self.square_sum += (x * x).sum(dim=0, dtype=torch.float64)
+            part.square_sum = (x * x).sum(dim=0, dtype=torch.float64)
         if self._mean is not None:
-            self._merge_moments(x)
+            part.mean = x.mean(dim=0, dtype=torch.float64)
+            part.m2 = self._centred_squares(x, part.mean)
         if self.abs_sum is not None:
-            self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
-        self.tokens += count
-        self.sequences += int(inputs.shape[0]) if inputs.dim() > 2 else 1
+            part.abs_sum = x.abs().sum(dim=0, dtype=torch.float64)
+        return part
 
-    def _merge_moments(self, x: torch.Tensor) -> None:
-        """Chan et al.'s merge of this batch's (count, mean, M2) into the running ones, in float64."""
-        count = x.shape[0]
-        batch_mean = x.mean(dim=0, dtype=torch.float64)
-        batch_m2 = self._centred_squares(x, batch_mean)
-        total = self.tokens + count
-        delta = batch_mean - self._mean
-        self._mean += delta * (count / total)
-        self._m2 += batch_m2 + delta * delta * (self.tokens * count / total)
-
-    def reduce_across_processes(self) -> None:
-        """Combine this process's statistics with the other torchrun processes' (each saw its share of the
-        windows): sums are all-reduced, means and variances merged in rank order (Chan). Equal to one process's
-        statistics up to the order of the floating-point additions."""
-        import torch.distributed as dist
-
-        counts = torch.tensor([self.tokens, self.sequences], dtype=torch.float64, device=self._device())
-        if self._mean is not None:
-            parts = [torch.empty(2 * self.features + 1, dtype=torch.float64, device=self._mean.device)
-                     for _ in range(dist.get_world_size())]
-            mine = torch.cat([counts[:1], self._mean, self._m2])
-            dist.all_gather(parts, mine)
-            self.tokens = 0
-            self._mean.zero_()
-            self._m2.zero_()
-            for part in parts:
-                self._merge_summary(int(part[0]), part[1:1 + self.features], part[1 + self.features:])
-        for tensor in (self.xtx, self.square_sum, self.abs_sum):
-            if tensor is not None:
-                dist.all_reduce(tensor)
-        dist.all_reduce(counts)
-        self.tokens, self.sequences = int(counts[0]), int(counts[1])
-
-    def _merge_summary(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Chan's merge of a (count, mean, M2) summary into the running one."""
-        if count == 0:
+    def _fold(self, part: BatchPart) -> None:
+        """Fold one batch's vectors and counts into the running statistics (the Gram matrix is added by the
+        caller). Means and variances: Chan et al.'s merge of (count, mean, M2) in float64."""
+        if part.tokens == 0:
             return
-        total = self.tokens + count
-        delta = mean - self._mean
-        self._mean += delta * (count / total)
-        self._m2 += m2 + delta * delta * (self.tokens * count / total)
-        self.tokens = total
-
-    def _device(self) -> torch.device:
-        present = [t for t in (self.xtx, self.square_sum, self._mean, self.abs_sum) if t is not None]
-        return present[0].device
+        if self.square_sum is not None:
+            self.square_sum += part.square_sum
+        if self._mean is not None:
+            total = self.tokens + part.tokens
+            delta = part.mean - self._mean
+            self._mean += delta * (part.tokens / total)
+            self._m2 += part.m2 + delta * delta * (self.tokens * part.tokens / total)
+        if self.abs_sum is not None:
+            self.abs_sum += part.abs_sum
+        self.tokens += part.tokens
+        self.sequences += part.sequences
 
     @staticmethod
     def _centred_squares(x: torch.Tensor, mean: torch.Tensor, elements: int = 1 << 24) -> torch.Tensor:
@@ -182,9 +208,22 @@ class InputStatistics:
         return f"InputStatistics(features={self.features}, kinds={sorted(self.kinds)}, tokens={self.tokens})"
 
 
+def _add_gram(target: torch.Tensor, x: torch.Tensor, into_empty: bool = False) -> torch.Tensor:
+    """``target += xᵀ x`` (or ``target = xᵀ x`` when ``into_empty``), a block of rows at a time so that no second
+    d x d matrix exists; the blocks depend only on d, so every process computes the same bits."""
+    rows = max(1, (1 << 22) // x.shape[1])
+    for start in range(0, x.shape[1], rows):
+        block = x[:, start:start + rows].T @ x
+        if into_empty:
+            target[start:start + rows] = block
+        else:
+            target[start:start + rows] += block
+    return target
+
+
 @contextmanager
 def input_statistics(
-    linears: Mapping[str, nn.Module], kinds: Iterable[str] = (HESSIAN,)
+    linears: Mapping[str, nn.Module], kinds: Iterable[str] = (HESSIAN,), exchange: BatchExchange | None = None
 ) -> Iterator[dict[str, InputStatistics]]:
     """Hook ``linears`` for the duration of the block; yields their statistics by name, hooks removed on exit.
 
@@ -198,7 +237,7 @@ def input_statistics(
             weight = getattr(linear, "weight", None)
             if weight is None or weight.dim() != 2:
                 raise PrunekitError(f"'{name}' is not a linear layer with a 2-d weight; cannot hook its inputs")
-            statistics[name] = InputStatistics(weight.shape[1], chosen, weight.device)
+            statistics[name] = InputStatistics(weight.shape[1], chosen, weight.device, exchange)
             handles.append(linear.register_forward_pre_hook(_hook(statistics[name]), with_kwargs=True))
         yield statistics
     finally:
