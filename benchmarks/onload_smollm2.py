@@ -6,8 +6,8 @@ the onloaded runs, which read it one layer at a time (``prune_onloaded``); the i
 - SlimGPT 20% (32 windows x 512 tokens of the ``mix`` calibration split, seed 0; perplexity before and after on
   16,384 tokens of the ``mix`` evaluation split): the plan, every weight of the saved checkpoints and both
   perplexities are compared for exact equality; time and bytes read are recorded.
-- BlockPruner, 2 sub-blocks, on 2 windows x 256 tokens (a small case: the layer-major walk scores every candidate
-  completely, about 60 full suffixes and heads per step on SmolLM2): today's search
+- BlockPruner, 2 sub-blocks, on 2 windows x 256 tokens (a small case: the layer-major walk runs every candidate
+  through every layer, about 60 full suffixes per step on SmolLM2, and abandons at the head): today's search
   (``search=fast``, in memory), the layer-major walk in memory, and the layer-major walk onloaded. The schedules
   and calibration NLL sums are compared for exact equality; the onloaded run's reads of every layer are counted
   (one per step while the layer still runs, plus the dense pass and the writer), with the time of each.
@@ -107,6 +107,8 @@ def blockpruner_case(source: Path, work: Path, tokenizer) -> dict:
                           for label, run in runs.items()},
         "seconds": {label: run["seconds"] for label, run in runs.items()},
         "branch_executions": {label: sum(run["schedule"]["branch_executions"]) for label, run in runs.items()},
+        "head_executions": {label: sum(run["schedule"]["head_executions"]) for label, run in runs.items()},
+        "abandoned": {label: sum(run["schedule"]["abandoned"]) for label, run in runs.items()},
         "layer_reads_onloaded": layer_reads, "steps": len(schedule["order"]),
     }
 
@@ -125,10 +127,12 @@ def markdown(payload: dict) -> str:
              f"{slim['source_reads']['bytes_read']:,} (each tensor read {slim['source_reads']['fewest_reads']} to "
              f"{slim['source_reads']['most_reads']} times: the two perplexity walks, the method's walk, the writer)",
              "", f"## BlockPruner, {block['blocks']} sub-blocks (2 x 256 calibration tokens, mix)", "",
-             "| search | seconds | branch executions (windows) | same schedule | same NLL sums |",
-             "|---|---|---|---|---|"]
+             "| search | seconds | branch / head executions (windows) | candidates abandoned | same schedule "
+             "| same NLL sums |",
+             "|---|---|---|---|---|---|"]
     for label, seconds in block["seconds"].items():
-        lines.append(f"| {label} | {seconds} | {block['branch_executions'][label]:,} | "
+        lines.append(f"| {label} | {seconds} | {block['branch_executions'][label]:,} / "
+                     f"{block['head_executions'][label]:,} | {block['abandoned'][label]} | "
                      f"{block['same_schedule'][label]} | {block['same_nll_sums'][label]} |")
     lines += ["", f"Schedule: {block['order']}. Onloaded reads of each layer's tensors (layers 0..29; "
               f"{block['steps']} steps + the dense pass + the writer): {block['layer_reads_onloaded']}.", ""]

@@ -10,16 +10,18 @@ point. Each decoder layer is therefore loaded once per step (counted by the chec
 score is bit-identical to the candidate-major one, since every stream sees the same operations on the same
 numbers. Streams live on the compute device, in host memory or in memory-mapped files (``streams``).
 
-What does not carry over: early abandon and the screened head stop a candidate after some windows; here every
-candidate has run every layer on every window before any loss is known, so all candidates are scored completely
-(the step's margin is always exact) and the compute is that of the plain prefix-cache search. Carried streams
-(reusing last step's suffixes) are not used either.
+Where the speed-ups still apply: at the head. Every candidate has run every layer on every window before any loss
+is known, so nothing is saved in the decoder (its compute is that of the plain prefix-cache search), but the heads
+run candidate after candidate, in the previous step's ranking, with the candidate-major search's early abandon and
+screened head (``BranchStack.score_finals``): a candidate whose running sum, or exact sums plus the screened lower
+bounds of its other windows, exceeds the best complete sum stops there. The head of a 135M model costs as much as
+about seven of its layers per window, so this saves a good part of a step. Carried streams (reusing last step's
+suffixes) do not apply: every stream is rebuilt from the walk.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -27,16 +29,17 @@ from tqdm.auto import tqdm
 
 from prunekit.calibration.store import ActivationStore
 from prunekit.distributed import split_map
-from prunekit.errors import PrunekitError
 from prunekit.methods.depth.stack import BranchStack, Score
-from prunekit.methods.depth.step import StepOutcome
+from prunekit.methods.depth.step import StepOutcome, score_in_order, step_outcome
 from prunekit.methods.depth.units import Unit
 from prunekit.models.onloading import onloader_of
 
 
 def layer_major_scores(stack: BranchStack, units: Sequence[Unit], streams: str = "none",
-                       progress: bool = False, desc: str = "layers") -> tuple[float, dict[Unit, Score]]:
-    """The current model's NLL sum and, for each unit, the sum with that unit removed too."""
+                       abandon_bound: str | None = None, progress: bool = False,
+                       desc: str = "layers") -> tuple[float, dict[Unit, Score]]:
+    """The current model's NLL sum and, for each unit, the sum with that unit removed too (units in the order
+    their heads run; with ``abandon_bound``, partial scores for the units abandoned at the head)."""
     first_points: dict[int, list[Unit]] = {}
     for unit in units:
         first_points.setdefault(unit.points[0], []).append(unit)
@@ -54,27 +57,32 @@ def layer_major_scores(stack: BranchStack, units: Sequence[Unit], streams: str =
                             if point not in unit.points:
                                 _advance(stack, point, stream)
         with _head(stack):
-            scores = {unit: Score(_nll_sum(stack, stream), stack.num_windows, True) for unit, stream in live.items()}
-            return _nll_sum(stack, base), scores
+            base_sum = stack.score_finals(_reader(stack, base)).nll_sum
+            if units and stack.screen_topk and abandon_bound is not None:
+                stack.build_screens(base.read)
+
+            def score_one(unit: Unit, bound: float, *_) -> Score:
+                return stack.score_finals(_reader(stack, live[unit]), bound)
+
+            return base_sum, dict(zip(units, score_in_order(units, abandon_bound, score_one), strict=True))
     finally:
         for stream in [base, *live.values()]:
             stream.close()
 
 
-def layer_major_step(stack: BranchStack, units: Sequence[Unit], streams: str = "none", progress: bool = False,
-                     desc: str = "step") -> StepOutcome:
-    """One greedy step scored layer-major: the minimum of (NLL sum, canonical key); every score is complete."""
+def layer_major_step(stack: BranchStack, units: Sequence[Unit], streams: str = "none",
+                     abandon_bound: str | None = None, progress: bool = False, desc: str = "step") -> StepOutcome:
+    """One greedy step scored layer-major: the minimum of (NLL sum, canonical key), as :func:`step.run_step`."""
     def share_scores(share: Sequence[Unit]) -> list[Score]:
-        scores = layer_major_scores(stack, share, streams, progress, desc)[1]
+        scores = layer_major_scores(stack, share, streams, abandon_bound, progress, desc)[1]
         return [scores[unit] for unit in share]
 
     scores = dict(zip(units, split_map(share_scores, units), strict=True))  # candidates split under torchrun
-    ordered = sorted(scores, key=lambda unit: (scores[unit].nll_sum, unit.key))
-    if not ordered or not math.isfinite(scores[ordered[0]].nll_sum):
-        raise PrunekitError("every candidate gives a non-finite calibration loss; the model diverges")
-    runner_up = ordered[1] if len(ordered) > 1 else None
-    return StepOutcome(ordered[0], scores[ordered[0]].nll_sum, runner_up,
-                       scores[runner_up].nll_sum if runner_up else None, True, scores)
+    return step_outcome(units, scores)
+
+
+def _reader(stack: BranchStack, stream: ActivationStore) -> Callable[[int], torch.Tensor]:
+    return lambda index: stream.read(stack.batches[index])
 
 
 def _copy(stack: BranchStack, source: torch.Tensor | ActivationStore, streams: str) -> ActivationStore:
@@ -88,14 +96,6 @@ def _copy(stack: BranchStack, source: torch.Tensor | ActivationStore, streams: s
 def _advance(stack: BranchStack, point: int, stream: ActivationStore) -> None:
     for rows in stack.batches:
         stream.write(rows, stack._branch(point, stream.read(rows), "branch"))
-
-
-def _nll_sum(stack: BranchStack, stream: ActivationStore) -> float:
-    total = 0.0
-    for rows in stack.batches:
-        for value in stack._window_nll(stream.read(rows), rows):
-            total += value  # window order fixed: the same additions as BranchStack.score
-    return total
 
 
 def _loaded(stack: BranchStack, index: int):

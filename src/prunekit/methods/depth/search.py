@@ -93,12 +93,12 @@ class SearchOptions:
 
     @property
     def early_abandon(self) -> str | None:
-        return self.abandon_bound if self.mode == "fast" else None
+        return self.abandon_bound if self.mode in ("fast", "layer_major") else None
 
     @property
     def screen(self) -> int:
         """The screened head's top-k: only with early abandon (it needs a finite bound)."""
-        return self.screen_topk if self.mode == "fast" else 0
+        return self.screen_topk if self.mode in ("fast", "layer_major") else 0
 
     @property
     def carry(self) -> int:
@@ -171,7 +171,7 @@ def _search_steps(model, adapter, calibration, search, rule, options, state, pro
     units = state.units()
     stack.set_removed(point for unit in units for point in unit.points)
     if state.dense is None:
-        nll_sum = (layer_major_scores(stack, [], options.streams, progress, "dense")[0] if layer_major
+        nll_sum = (layer_major_scores(stack, [], options.streams, None, progress, "dense")[0] if layer_major
                    else stack.score().nll_sum)
         state.dense = {"nll_sum": nll_sum, "ppl": stack.ppl(nll_sum),
                        "seconds": round(time.perf_counter() - started, 3), **counts_since(stack, {})}
@@ -194,11 +194,11 @@ def _search_steps(model, adapter, calibration, search, rule, options, state, pro
 def _one_step(stack, adapter, search, options, state, units, eligible, progress) -> dict[str, Any]:
     """Score the eligible units, remove the winner from the stack, and return the step's record."""
     started, before = time.perf_counter(), dict(stack.counts)
-    order = ranked(eligible, state.ranking() if options.mode == "fast" else None)
+    order = ranked(eligible, state.ranking() if options.early_abandon else None)
     step = len(state.steps) + 1
     desc = f"{search.method} step {step}"
-    outcome = (layer_major_step(stack, order, options.streams, progress, desc) if options.mode == "layer_major"
-               else run_step(stack, order, options.early_abandon, progress, desc))
+    outcome = (layer_major_step(stack, order, options.streams, options.early_abandon, progress, desc)
+               if options.mode == "layer_major" else run_step(stack, order, options.early_abandon, progress, desc))
     stack.set_removed(stack.removed | set(outcome.best.points))
     ratio_all, ratio_layers = removal_ratios(adapter, [*units, outcome.best])
     runner_ppl = stack.ppl(outcome.runner_up_sum) if outcome.runner_up_sum is not None else None

@@ -34,6 +34,7 @@ from torch import nn
 from prunekit.calibration.branches import attention_branch, head_logits, mlp_branch
 from prunekit.calibration.runner import LayerwiseRunner
 from prunekit.data.windows import TokenWindows
+from prunekit.errors import PrunekitError
 from prunekit.evaluation.perplexity import window_nll_sums
 from prunekit.methods.depth.screen import HeadScreen
 from prunekit.methods.depth.units import Unit
@@ -57,14 +58,15 @@ class BranchStack:
     at most (2L + 1) x tokens x d in the model dtype (SmolLM2, 8,192 tokens, fp32: about 1.1 GB).
     ``counts`` tallies branch and head runs per window: ``branch`` while scoring, ``cache`` while (re)building,
     ``head`` for full LM-head runs and ``screen`` for screened lower bounds; ``carry`` counts windows started from
-    a carried stream. ``screen_topk`` (needs the cache) turns on the screened head (module docstring, point 3);
+    a carried stream. ``screen_topk`` turns on the screened head (module docstring, point 3; its vocabulary subsets
+    come from the prefix cache, or from :meth:`build_screens` in the layer-major search);
     ``carry_mb`` (needs the cache) the carried streams (point 4).
     """
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, windows: TokenWindows, batch_size: int,
                  cache: bool, progress: bool = True, screen_topk: int = 0, carry_mb: int = 0):
         self.model, self.adapter, self.use_cache = model, adapter, cache
-        self.screen_topk = screen_topk if cache else 0
+        self.screen_topk = screen_topk
         self.carry_bytes = carry_mb * 2**20 if cache else 0
         # unit -> batch index -> [(point, residual entering it)]: captured in this step (valid for this removal set)
         self._captured: dict[Unit, dict[int, list[tuple[int, torch.Tensor]]]] = {}
@@ -189,24 +191,30 @@ class BranchStack:
         """
         skip = self.removed | frozenset(unit.points if unit is not None else ())
         capture = frozenset(capture) if self.carry_bytes and unit is not None else frozenset()
+        return self.score_finals(lambda index: self._run(unit, index, skip, capture), bound)
+
+    def score_finals(self, final_of: Callable[[int], torch.Tensor], bound: float = math.inf) -> Score:
+        """NLL sum of the streams entering the head, ``final_of(batch index)``, stopping once it exceeds ``bound``
+        (with the screened head when it is on and the bound finite). The layer-major search gives its streams."""
         if self.screen_topk and math.isfinite(bound):
-            return self._screened_score(unit, skip, bound, capture)
+            return self._screened_score(final_of, bound)
         total, done = 0.0, 0
         for index, rows in enumerate(self.batches):
-            for value in self._window_nll(self._run(unit, index, skip, capture), rows):
+            for value in self._window_nll(final_of(index), rows):
                 total += value  # window order is fixed, so every mode adds the same numbers in the same order
             done = rows.stop
             if total > bound and done < self.num_windows:
                 break
         return Score(total, done, done == self.num_windows)
 
-    def _screened_score(self, unit: Unit | None, skip: frozenset[int], bound: float, capture: frozenset[int]) -> Score:
-        """:meth:`score` with the screened head: lower bounds first, exact sums only while the bound may hold."""
+    def _screened_score(self, final_of: Callable[[int], torch.Tensor], bound: float) -> Score:
+        """:meth:`score_finals` with the screened head: lower bounds first, exact sums only while the bound may
+        hold."""
         screens = self._head_screens()
         finals: list[torch.Tensor] = []
         lower: list[float] = []
         for index, (rows, screen) in enumerate(zip(self.batches, screens, strict=True)):
-            finals.append(self._run(unit, index, skip, capture))
+            finals.append(final_of(index))
             lower.extend(screen.lower_bounds(self.model, finals[-1]))
             self.counts["screen"] += rows.stop - rows.start
             if math.fsum(lower) > bound:
@@ -223,14 +231,20 @@ class BranchStack:
     def _head_screens(self) -> list[HeadScreen]:
         """Per batch, the vocabulary subset from the current model's logits (built once per removal set)."""
         if self._screens is None:
-            final = self.points[self.num_points]
-            screens = []
-            for rows in self.batches:
-                self.counts["head"] += rows.stop - rows.start
-                logits = head_logits(self.model, final[rows])
-                screens.append(HeadScreen.build(logits, self.input_ids[rows], self.screen_topk))
-            self._screens = screens
+            if not self.use_cache:
+                raise PrunekitError("the screened head needs the prefix cache or screens built by the caller")
+            self.build_screens(lambda rows: self.points[self.num_points][rows])
         return self._screens
+
+    def build_screens(self, current_final: Callable[[slice], torch.Tensor]) -> None:
+        """The screened head's vocabulary subsets from the current model's stream entering the head (rows ->
+        tensor); they hold until the removal set changes."""
+        screens = []
+        for rows in self.batches:
+            self.counts["head"] += rows.stop - rows.start
+            logits = head_logits(self.model, current_final(rows))
+            screens.append(HeadScreen.build(logits, self.input_ids[rows], self.screen_topk))
+        self._screens = screens
 
     def ppl(self, nll_sum: float) -> float:
         return math.exp(nll_sum / self.scored_tokens) if math.isfinite(nll_sum) else math.inf

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -49,8 +49,19 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
     torchrun the units are split across the processes (``prunekit.distributed``), each abandoning against its own
     best; the winner is the same, only abandoned candidates' partial sums may differ.
     """
-    scores = dict(zip(order, split_map(lambda share: _score_units(stack, share, abandon_bound, progress, desc),
-                                       order), strict=True))
+    def score_one(unit: Unit, bound: float, complete: list[tuple[float, tuple[int, int], int]],
+                  units: Sequence[Unit]) -> Score:
+        capture = ([guess.points[0] for guess in likely_winners(units, complete, stack.first_branch(unit))]
+                   if stack.carry_bytes else [])
+        return stack.score(unit, bound, capture)
+
+    scores = split_map(lambda share: score_in_order(share, abandon_bound, score_one, progress, desc), order)
+    return step_outcome(order, dict(zip(order, scores, strict=True)))
+
+
+def step_outcome(order: Sequence[Unit], scores: dict[Unit, Score]) -> StepOutcome:
+    """The winner (minimum of NLL sum and canonical key over complete scores), its runner-up and the margin's
+    exactness, from every unit's (possibly partial) score."""
     complete = sorted((score.nll_sum, unit.key, position) for position, (unit, score) in enumerate(scores.items())
                       if score.complete)
     if not complete or not math.isfinite(complete[0][0]):
@@ -68,15 +79,17 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
     return StepOutcome(best, best_sum, runner, runner_sum, exact, scores)
 
 
-def _score_units(stack: BranchStack, units: Sequence[Unit], abandon_bound: str | None, progress: bool,
-                 desc: str) -> list[Score]:
-    """Each unit's score in turn, abandoning against the best (or runner-up) complete sum seen so far."""
+ScoreOne = Callable[[Unit, float, list[tuple[float, tuple[int, int], int]], Sequence[Unit]], Score]
+
+
+def score_in_order(units: Sequence[Unit], abandon_bound: str | None, score_one: ScoreOne, progress: bool = False,
+                   desc: str = "step") -> list[Score]:
+    """Each unit's score in turn, ``score_one(unit, bound, complete so far, units)``, abandoning against the best
+    (or runner-up) complete sum seen so far."""
     complete: list[tuple[float, tuple[int, int], int]] = []  # sorted (sum, key, position) of complete units
     scores = []
     for position, unit in enumerate(tqdm(units, desc=desc, unit="cand", disable=not progress, leave=False)):
-        capture = ([guess.points[0] for guess in likely_winners(units, complete, stack.first_branch(unit))]
-                   if stack.carry_bytes else [])
-        score = stack.score(unit, _bound(complete, abandon_bound), capture)
+        score = score_one(unit, _bound(complete, abandon_bound), complete, units)
         scores.append(score)
         if score.complete:
             bisect.insort(complete, (score.nll_sum, unit.key, position))
