@@ -20,7 +20,7 @@ def check_against_direct(stats, batches, rtol=1e-5):
     x = torch.cat([batch.reshape(-1, batch.shape[-1]) for batch in batches]).double()
     assert stats.tokens == x.shape[0] and stats.sequences == sum(batch.shape[0] for batch in batches)
     assert stats.xtx.dtype == torch.float32
-    torch.testing.assert_close(stats.xtx.double(), x.T @ x, rtol=rtol, atol=1e-4)
+    torch.testing.assert_close(stats.gram().double(), x.T @ x, rtol=rtol, atol=1e-4)
     torch.testing.assert_close(stats.hessian().double(), 2 * x.T @ x / x.shape[0], rtol=rtol, atol=1e-6)
     expected = 2 * x.T @ x / stats.sequences
     torch.testing.assert_close(stats.hessian(per="sequence").double(), expected, rtol=rtol, atol=1e-5)
@@ -84,3 +84,16 @@ def test_statistics_reject_bad_requests():
         stats.variance()
     with pytest.raises(PrunekitError, match="unknown Hessian normalisation"):
         stats.hessian(per="window")
+
+
+def test_the_gram_matrix_is_accumulated_in_row_blocks_and_exactly_symmetric():
+    # 2,100 features: two row blocks (about 4 M elements each); only the upper blocks are multiplied
+    torch.manual_seed(0)
+    stats = InputStatistics(2100, (HESSIAN,))
+    batches = [torch.randn(2, 3, 2100), torch.randn(1, 5, 2100)]
+    for batch in batches:
+        stats.update(batch)
+    gram = stats.gram()
+    x = torch.cat([batch.reshape(-1, 2100) for batch in batches]).double()
+    torch.testing.assert_close(gram.double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram, gram.T)

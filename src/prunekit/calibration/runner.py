@@ -101,8 +101,7 @@ class LayerwiseRunner:
 
     def batches(self) -> list[slice]:
         """The window mini-batches, in order; every pass uses the same ones."""
-        return [slice(start, min(start + self.batch_size, self.num_windows))
-                for start in range(0, self.num_windows, self.batch_size)]
+        return _batches(self.num_windows, self.batch_size)
 
     @property
     def num_layers(self) -> int:
@@ -365,12 +364,15 @@ def _hidden_of(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _batches(count: int, batch_size: int) -> list[slice]:
+    return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
 def _share_of(input_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, BatchExchange]:
     """This process's windows: its batches, concatenated in order. Every batch but the last holds ``batch_size``
     windows, so the runner's own batching of the share gives back exactly these batches."""
     here = world()
-    count = int(input_ids.shape[0])
-    batches = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    batches = _batches(int(input_ids.shape[0]), batch_size)
     mine = batch_share(batches, here)
     return torch.cat([input_ids[rows] for rows in mine]), BatchExchange(len(batches), here)
 

@@ -99,12 +99,12 @@ class InputStatistics:
         if self.exchange is None:
             if x.shape[0]:
                 if self.xtx is not None:
-                    _add_gram(self.xtx, x)  # straight into the running sum: no second d x d matrix
+                    _add_gram(self.xtx, x)  # straight into the running sum
                 self._fold(self._part(x, sequences))
             return
         part = self._part(x, sequences)
         if self.xtx is not None:
-            part.gram = _add_gram(torch.empty_like(self.xtx), x, into_empty=True)
+            part.gram = _add_gram(torch.zeros_like(self.xtx), x)
         self._exchange_round(part)
 
     def finish(self) -> None:
@@ -163,14 +163,18 @@ class InputStatistics:
         Any positive scale gives the same OBS solution, since SlimGPT damps relative to the mean diagonal; the
         choice only matters when comparing Hessians across runs with different window lengths.
         """
-        return self._require(self.xtx, HESSIAN) * self._hessian_scale(per, factor)
+        return self.gram() * self._hessian_scale(per, factor)
 
     def take_hessian(self, per: str = "token", factor: float = 2.0) -> torch.Tensor:
         """:meth:`hessian`, scaled in place and handed over: the statistics no longer hold it (one d x d matrix
         alive instead of two, which matters at an 8B model's FFN width)."""
-        xtx, scale = self._require(self.xtx, HESSIAN), self._hessian_scale(per, factor)
+        xtx, scale = self.gram(), self._hessian_scale(per, factor)
         self.xtx = None
         return xtx.mul_(scale)
+
+    def gram(self) -> torch.Tensor:
+        """Σ x xᵀ over all tokens, fp32: the accumulated upper triangle, mirrored into the lower one in place."""
+        return _mirror_upper(self._require(self.xtx, HESSIAN))
 
     def _hessian_scale(self, per: str, factor: float) -> float:
         counts = {"token": self.tokens, "sequence": self.sequences}
@@ -208,17 +212,28 @@ class InputStatistics:
         return f"InputStatistics(features={self.features}, kinds={sorted(self.kinds)}, tokens={self.tokens})"
 
 
-def _add_gram(target: torch.Tensor, x: torch.Tensor, into_empty: bool = False) -> torch.Tensor:
-    """``target += xᵀ x`` (or ``target = xᵀ x`` when ``into_empty``), a block of rows at a time so that no second
-    d x d matrix exists; the blocks depend only on d, so every process computes the same bits."""
-    rows = max(1, (1 << 22) // x.shape[1])
-    for start in range(0, x.shape[1], rows):
-        block = x[:, start:start + rows].T @ x
-        if into_empty:
-            target[start:start + rows] = block
-        else:
-            target[start:start + rows] += block
+def _gram_blocks(features: int) -> list[slice]:
+    """Row blocks of the Gram matrix (fixed by the width alone, so every process computes the same bits); about
+    4 M elements each, so no second d x d matrix ever exists."""
+    rows = max(1, (1 << 22) // features)
+    return [slice(start, min(start + rows, features)) for start in range(0, features, rows)]
+
+
+def _add_gram(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``target += xᵀ x`` on and above the diagonal blocks only: the matrix is symmetric, so half the products
+    suffice; :func:`_mirror_upper` fills the rest when the matrix is read."""
+    for rows in _gram_blocks(x.shape[1]):
+        target[rows, rows.start:] += x[:, rows].T @ x[:, rows.start:]
     return target
+
+
+def _mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """Copy the upper triangle of ``matrix`` onto its lower one, in place, a block at a time."""
+    for rows in _gram_blocks(matrix.shape[0]):
+        diagonal = matrix[rows, rows]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        matrix[rows.stop:, rows] = matrix[rows, rows.stop:].T
+    return matrix
 
 
 @contextmanager
