@@ -12,15 +12,13 @@ Llama-3-8B's), and each process holds N of them during a round.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
+from prunekit.calibration.statistics import BatchPart, InputStatistics
 from prunekit.distributed import World, all_gather_tensor
 from prunekit.errors import PrunekitError
 
-if TYPE_CHECKING:
-    from prunekit.calibration.statistics import BatchPart, InputStatistics
 
 def batch_share(batches: list[slice], here: World) -> list[slice]:
     """The batches process ``here.rank`` computes: every N-th, from its rank on."""
@@ -35,14 +33,11 @@ class BatchExchange:
     """The rounds of one pass: round k holds batches k*N .. k*N + N - 1 (the last round may be short)."""
 
     def __init__(self, batches: int, here: World):
-        self.here = here
         self.rounds = math.ceil(batches / here.size)
 
     def gather(self, part: BatchPart | None, statistics: InputStatistics) -> list[BatchPart]:
         """Every process's contribution to this round, in batch order (``None``: this process has no batch in it;
         it sends an empty contribution of the right size)."""
-        from prunekit.calibration.statistics import BatchPart
-
         vectors, device = statistics.part_vectors, statistics.device
         header = [float(part.tokens), float(part.sequences)] if part else [0.0, 0.0]
         empty = torch.zeros(statistics.features, dtype=torch.float64, device=device)
