@@ -74,9 +74,7 @@ def _gather(value: Any) -> list[Any]:
     try:
         dist.all_gather_object(gathered, value)
     except RuntimeError as error:
-        raise PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no "
-                            "output was written; rerun the command (resumable searches continue from their state)"
-                            ) from None
+        raise _group_failed(error) from None
     return gathered
 
 
@@ -88,9 +86,14 @@ def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
     try:
         dist.all_gather(gathered, tensor.contiguous())
     except RuntimeError as error:
-        raise PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no "
-                            "output was written; rerun the command") from None
+        raise _group_failed(error) from None
     return gathered
+
+
+def _group_failed(error: RuntimeError) -> PrunekitError:
+    """The one-line error of a collective that failed because another process died or left."""
+    return PrunekitError(f"a process of the torchrun group failed or left ({str(error).splitlines()[0]}); no output "
+                         "was written; rerun the command (resumable searches continue from their state)")
 
 
 def split_map(function: Callable[[Sequence[T]], list[R]], items: Sequence[T], strided: bool = True) -> list[R]:

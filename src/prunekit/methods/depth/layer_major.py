@@ -59,7 +59,7 @@ def layer_major_scores(stack: BranchStack, units: Sequence[Unit], streams: str =
         with _head(stack):
             base_sum = stack.score_finals(_reader(stack, base)).nll_sum
             if units and stack.screen_topk and abandon_bound is not None:
-                stack.build_screens(base.read)
+                stack.build_screens(_reader(stack, base))
 
             def score_one(unit: Unit, bound: float, *_) -> Score:
                 return stack.score_finals(_reader(stack, live[unit]), bound)
@@ -78,7 +78,7 @@ def layer_major_step(stack: BranchStack, units: Sequence[Unit], streams: str = "
         return [scores[unit] for unit in share]
 
     scores = dict(zip(units, split_map(share_scores, units), strict=True))  # candidates split under torchrun
-    return step_outcome(units, scores)
+    return step_outcome(scores)
 
 
 def _reader(stack: BranchStack, stream: ActivationStore) -> Callable[[int], torch.Tensor]:

@@ -233,16 +233,16 @@ class BranchStack:
         if self._screens is None:
             if not self.use_cache:
                 raise PrunekitError("the screened head needs the prefix cache or screens built by the caller")
-            self.build_screens(lambda rows: self.points[self.num_points][rows])
+            self.build_screens(lambda index: self.points[self.num_points][self.batches[index]])
         return self._screens
 
-    def build_screens(self, current_final: Callable[[slice], torch.Tensor]) -> None:
-        """The screened head's vocabulary subsets from the current model's stream entering the head (rows ->
-        tensor); they hold until the removal set changes."""
+    def build_screens(self, current_final: Callable[[int], torch.Tensor]) -> None:
+        """The screened head's vocabulary subsets from the current model's stream entering the head
+        (``current_final(batch index)``, as in :meth:`score_finals`); they hold until the removal set changes."""
         screens = []
-        for rows in self.batches:
+        for index, rows in enumerate(self.batches):
             self.counts["head"] += rows.stop - rows.start
-            logits = head_logits(self.model, current_final(rows))
+            logits = head_logits(self.model, current_final(index))
             screens.append(HeadScreen.build(logits, self.input_ids[rows], self.screen_topk))
         self._screens = screens
 

@@ -56,12 +56,13 @@ def run_step(stack: BranchStack, order: Sequence[Unit], abandon_bound: str | Non
         return stack.score(unit, bound, capture)
 
     scores = split_map(lambda share: score_in_order(share, abandon_bound, score_one, progress, desc), order)
-    return step_outcome(order, dict(zip(order, scores, strict=True)))
+    return step_outcome(dict(zip(order, scores, strict=True)))
 
 
-def step_outcome(order: Sequence[Unit], scores: dict[Unit, Score]) -> StepOutcome:
+def step_outcome(scores: dict[Unit, Score]) -> StepOutcome:
     """The winner (minimum of NLL sum and canonical key over complete scores), its runner-up and the margin's
     exactness, from every unit's (possibly partial) score."""
+    order = list(scores)
     complete = sorted((score.nll_sum, unit.key, position) for position, (unit, score) in enumerate(scores.items())
                       if score.complete)
     if not complete or not math.isfinite(complete[0][0]):
